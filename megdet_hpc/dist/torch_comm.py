@@ -1,0 +1,76 @@
+"""The ``torch`` backend: torch.distributed (gloo on CPU, nccl when CUDA is used).
+
+Rendezvous comes from the launcher: torchrun's env, or Slurm/OpenMPI variables translated to
+MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megdet_hpc.dist.comm import Comm, Group
+from megdet_hpc.dist.env import ClusterEnvironment, job_port, slurm_master_addr
+
+
+class TorchComm(Comm):
+    name = "torch"
+
+    def __init__(self, env: ClusterEnvironment) -> None:
+        super().__init__(env)
+        self._owns = False
+        if not dist.is_initialized():
+            environ = dict(os.environ)
+            if "MASTER_ADDR" not in environ:
+                addr = slurm_master_addr(environ) if env.name.startswith("srun") else "127.0.0.1"
+                os.environ["MASTER_ADDR"] = addr
+            os.environ.setdefault("MASTER_PORT", str(job_port(environ)))
+            backend = os.environ.get("MEGDET_TORCH_BACKEND") or (
+                "nccl" if torch.cuda.is_available() else "gloo"
+            )
+            timeout = timedelta(seconds=float(os.environ.get("MEGDET_COMM_TIMEOUT_S", "600")))
+            dist.init_process_group(
+                backend, rank=env.rank, world_size=env.size, timeout=timeout, init_method="env://"
+            )
+            self._owns = True
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size()
+
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.handle if group else None)
+        return tensor
+
+    def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
+        dist.broadcast(tensor, src=root)
+        return tensor
+
+    def _allgather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _broadcast_object(self, obj: Any, root: int) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=root)
+        return box[0]
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def _new_group(self, ranks: tuple[int, ...]) -> Any:
+        return dist.new_group(list(ranks))
+
+    def shutdown(self) -> None:
+        if self._owns and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns = False

@@ -1,0 +1,67 @@
+"""Swap BatchNorm layers of a model for CGBN (the analogue of ``SyncBatchNorm.convert_sync_batchnorm``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from megdet_hpc.layers.cgbn import CrossGPUBatchNorm2d
+
+
+def convert_to_cgbn(
+    module: nn.Module,
+    group_size: int | None = None,
+    convert_frozen: bool = False,
+    two_pass: bool = False,
+) -> nn.Module:
+    """Return ``module`` with every ``nn.BatchNorm2d`` (and ``FrozenBatchNorm2d`` if asked) replaced.
+
+    Parameters, buffers, ``requires_grad`` and train/eval mode are copied, so a converted model
+    computes exactly what the original did until it trains.  FrozenBatchNorm2d becomes a *trainable*
+    CGBN (MegDet trains backbone BN instead of freezing it).
+    """
+    if isinstance(module, CrossGPUBatchNorm2d):
+        return module
+    if isinstance(module, nn.BatchNorm2d):
+        new = CrossGPUBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            group_size=group_size,
+            two_pass=two_pass,
+        )
+        with torch.no_grad():
+            if module.affine:
+                new.weight.copy_(module.weight)
+                new.bias.copy_(module.bias)
+                new.weight.requires_grad_(module.weight.requires_grad)
+                new.bias.requires_grad_(module.bias.requires_grad)
+            if module.track_running_stats:
+                new.running_mean.copy_(module.running_mean)
+                new.running_var.copy_(module.running_var)
+                new.num_batches_tracked.copy_(module.num_batches_tracked)
+        new.to(module.weight.device if module.affine else "cpu")
+        new.train(module.training)
+        return new
+    if convert_frozen and isinstance(module, FrozenBatchNorm2d):
+        new = CrossGPUBatchNorm2d(module.weight.numel(), module.eps, group_size=group_size, two_pass=two_pass)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            new.bias.copy_(module.bias)
+            new.running_mean.copy_(module.running_mean)
+            new.running_var.copy_(module.running_var)
+        new.to(module.weight.device)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        converted = convert_to_cgbn(child, group_size, convert_frozen, two_pass)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def count_cgbn(module: nn.Module) -> int:
+    return sum(isinstance(m, CrossGPUBatchNorm2d) for m in module.modules())

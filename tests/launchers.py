@@ -1,0 +1,81 @@
+"""Run a Python script under a real launcher and return the completed process.
+
+Every multi-process test goes through here so the command lines are the ones users type:
+``horovodrun -np N -H localhost:N --gloo|--mpi``, ``mpirun --oversubscribe -np N`` and
+``python -m torch.distributed.run --nproc-per-node N``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHERS = ("hvd-gloo", "hvd-mpi", "mpirun", "torchrun")
+
+
+def command(launcher: str, nproc: int, argv: list[str]) -> list[str]:
+    py = [sys.executable, *argv]
+    if launcher == "hvd-gloo":
+        return ["horovodrun", "-np", str(nproc), "-H", f"localhost:{nproc}", "--gloo", *py]
+    if launcher == "hvd-mpi":
+        return [
+            "horovodrun", "-np", str(nproc), "-H", f"localhost:{nproc}", "--mpi",
+            "--mpi-args=--oversubscribe --allow-run-as-root --bind-to none", *py,
+        ]  # fmt: skip
+    if launcher == "mpirun":
+        return [
+            "mpirun",
+            "--oversubscribe",
+            "--allow-run-as-root",
+            "--bind-to",
+            "none",
+            "-np",
+            str(nproc),
+            *py,
+        ]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *argv]
+    if launcher == "single":
+        return py
+    raise ValueError(launcher)
+
+
+def comm_for(launcher: str) -> str:
+    return {"hvd-gloo": "horovod", "hvd-mpi": "horovod", "mpirun": "mpi", "torchrun": "torch"}.get(
+        launcher, "none"
+    )
+
+
+def run(
+    launcher: str,
+    nproc: int,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(
+        PYTHONPATH=f"{REPO}{os.pathsep}{full_env.get('PYTHONPATH', '')}",
+        OMP_NUM_THREADS="1",
+        MEGDET_COMM=comm_for(launcher),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
+    )
+    full_env.update(env or {})
+    proc = subprocess.run(
+        command(launcher, nproc, argv),
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{launcher} -np {nproc} {' '.join(argv)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
