@@ -20,3 +20,87 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def repo_root() -> Path:
     return TESTS.parent
+
+
+TINY_OVERRIDES = {
+    "model": {
+        "backbone": "resnet18",
+        "num_classes": 3,
+        "min_size": 64,
+        "max_size": 64,
+        "anchor_sizes": [8, 16, 32, 64, 128],
+        "rpn_batch_size_per_image": 64,
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 200,
+        "rpn_pre_nms_top_n_test": 200,
+        "rpn_post_nms_top_n_test": 100,
+        "box_batch_size_per_image": 32,
+        "box_head_dim": 64,
+        "roi_sampling_ratio": 1,
+    },
+    "solver": {
+        "base_lr": 0.01,
+        "base_batch": 2,
+        "total_batch": 2,
+        "warmup_iters": 2,
+        "max_iter": 4,
+        "steps": [3],
+    },  # fmt: skip
+    "train": {"threads": 1, "log_period": 1, "checkpoint_period": 2, "tensorboard": False},
+    "eval": {"max_images": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic COCO dataset (64 px) shared by the engine tests."""
+    from megdet_hpc.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "synthetic", train=24, val=8, size=64, seed=1)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_data: Path):
+    """Write a tiny config YAML (with extra overrides) and return its path."""
+    import copy
+
+    import yaml
+
+    def make(name: str = "tiny.yaml", **sections: dict) -> Path:
+        data = copy.deepcopy(TINY_OVERRIDES)
+        data["data"] = {
+            "train_images": str(tiny_data / "train"),
+            "train_annotations": str(tiny_data / "annotations" / "instances_train.json"),
+            "val_images": str(tiny_data / "val"),
+            "val_annotations": str(tiny_data / "annotations" / "instances_val.json"),
+            "images_per_gpu": 2,
+            "num_workers": 0,
+        }
+        data["train"]["output_dir"] = str(tmp_path / "out")
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real single-node Slurm cluster (slurmctld + slurmd on 127.0.0.1) for the session."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("slurm")
+    script = TESTS.parent / "scripts" / "slurm_cluster.sh"
+    subprocess.run(["bash", str(script), "start", str(folder)], check=True, capture_output=True, timeout=120)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, timeout=60)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

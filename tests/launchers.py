@@ -12,41 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megdet_hpc.launch.local import COMM_OF, local_command
+
 REPO = Path(__file__).resolve().parent.parent
-LAUNCHERS = ("hvd-gloo", "hvd-mpi", "mpirun", "torchrun")
 
 
 def command(launcher: str, nproc: int, argv: list[str]) -> list[str]:
-    py = [sys.executable, *argv]
-    if launcher == "hvd-gloo":
-        return ["horovodrun", "-np", str(nproc), "-H", f"localhost:{nproc}", "--gloo", *py]
-    if launcher == "hvd-mpi":
-        return [
-            "horovodrun", "-np", str(nproc), "-H", f"localhost:{nproc}", "--mpi",
-            "--mpi-args=--oversubscribe --allow-run-as-root --bind-to none", *py,
-        ]  # fmt: skip
-    if launcher == "mpirun":
-        return [
-            "mpirun",
-            "--oversubscribe",
-            "--allow-run-as-root",
-            "--bind-to",
-            "none",
-            "-np",
-            str(nproc),
-            *py,
-        ]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *argv]
-    if launcher == "single":
-        return py
-    raise ValueError(launcher)
+    return local_command(launcher, nproc, argv)
 
 
 def comm_for(launcher: str) -> str:
-    return {"hvd-gloo": "horovod", "hvd-mpi": "horovod", "mpirun": "mpi", "torchrun": "torch"}.get(
-        launcher, "none"
-    )
+    return COMM_OF[launcher]
 
 
 def run(

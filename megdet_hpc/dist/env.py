@@ -67,6 +67,14 @@ def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
             _int(env, "LOCAL_RANK", default=0),
             _int(env, "LOCAL_WORLD_SIZE", default=1),
         )
+    if "SUBMITIT_LOCAL_GLOBALID" in env and _int(env, "SUBMITIT_LOCAL_NTASKS", default=1) > 1:
+        return ClusterEnvironment(
+            "submitit-local",
+            _int(env, "SUBMITIT_LOCAL_GLOBALID"),
+            _int(env, "SUBMITIT_LOCAL_NTASKS"),
+            _int(env, "SUBMITIT_LOCAL_LOCALID", default=0),
+            _int(env, "SUBMITIT_LOCAL_NTASKS"),
+        )
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS", default=1) > 1:
         name = "srun-pmix" if "PMIX_RANK" in env else "srun"
         return ClusterEnvironment(
@@ -97,5 +105,10 @@ def job_port(env: dict[str, str]) -> int:
     """A rendezvous port derived from the job id: stable across requeues, distinct between jobs."""
     if "MASTER_PORT" in env:
         return int(env["MASTER_PORT"])
-    seed = env.get("SLURM_JOB_ID") or env.get("OMPI_MCA_orte_hnp_uri") or str(os.getppid())
+    seed = (
+        env.get("SLURM_JOB_ID")
+        or env.get("SUBMITIT_LOCAL_JOB_ID")
+        or env.get("OMPI_MCA_orte_hnp_uri")
+        or str(os.getppid())
+    )
     return 20000 + zlib.crc32(seed.encode()) % 30000

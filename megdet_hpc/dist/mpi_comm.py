@@ -74,6 +74,7 @@ class MPIComm(Comm):
         return sub if sub != self.MPI.COMM_NULL else None
 
     def shutdown(self) -> None:
-        if not self._freed:
-            self._freed = True
-            self.comm.Free()
+        # The duplicated communicator is deliberately not freed: MPI_Comm_free while Horovod's MPI
+        # background thread is alive segfaults in OpenMPI 4.1 (attribute cleanup); MPI_Finalize
+        # releases it anyway.
+        self._freed = True

@@ -1,0 +1,166 @@
+"""CGBN vs nn.BatchNorm2d on the BN layer shapes of ResNet-50-FPN at 2 images, per backend.
+
+``python bench/cgbn.py`` runs every contender side by side (N = 1, 2 and 4 oversubscribed; Horovod
+gloo/MPI with its statistics on Horovod or on mpi4py, mpi4py alone, torch gloo; one-pass vs the paper's
+two-pass), prints a table of fwd+bwd time per step over all 53 BN layers (median of repeats), the
+ratio to local BN measured in the same process, and the latency of one statistics allreduce
+(2C+1 float64, C=256).  Writes bench/results/cgbn.json and cgbn.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import launch, savefig, summary, table, write_result  # isort: skip
+
+HERE = Path(__file__).resolve()
+
+# (label, launcher, N, extra env)
+CONTENDERS = [
+    ("1 process", "single", 1, {}),
+    ("horovod gloo", "hvd-gloo", 2, {"MEGDET_CGBN_COMM": "main"}),
+    (
+        "horovod gloo, CYCLE_TIME=0.1",
+        "hvd-gloo",
+        2,
+        {"MEGDET_CGBN_COMM": "main", "HOROVOD_CYCLE_TIME": "0.1"},
+    ),
+    ("horovod gloo, CYCLE_TIME=5", "hvd-gloo", 2, {"MEGDET_CGBN_COMM": "main", "HOROVOD_CYCLE_TIME": "5"}),
+    ("horovod mpi", "hvd-mpi", 2, {"MEGDET_CGBN_COMM": "main"}),
+    ("horovod mpi + stats on mpi4py", "hvd-mpi", 2, {"MEGDET_CGBN_COMM": "mpi"}),
+    ("mpi4py (mpirun)", "mpirun", 2, {}),
+    ("torch gloo (torchrun)", "torchrun", 2, {}),
+    ("horovod mpi + stats on mpi4py", "hvd-mpi", 4, {"MEGDET_CGBN_COMM": "mpi"}),
+    ("mpi4py (mpirun)", "mpirun", 4, {}),
+    ("torch gloo (torchrun)", "torchrun", 4, {}),
+]
+
+
+def bn_shapes(size: int, images: int = 2) -> list[tuple[int, ...]]:
+    """Input shapes of every BatchNorm2d of torchvision's ResNet-50 body (the FPN backbone)."""
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None).eval()
+    shapes: list[tuple[int, ...]] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
+    with torch.no_grad():
+        model(torch.zeros(images, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def worker(out: Path, size: int, repeats: int) -> None:
+    sys.path.insert(0, str(HERE.parent.parent))
+    from megdet_hpc import dist
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    comm = dist.init()
+    stats = dist.stats_comm()
+    torch.manual_seed(comm.rank)
+    shapes = bn_shapes(size)
+    inputs = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+
+    def layers(kind: str) -> list[nn.Module]:
+        if kind == "bn":
+            return [nn.BatchNorm2d(s[1]) for s in shapes]
+        mods = [CrossGPUBatchNorm2d(s[1], two_pass=kind == "two_pass") for s in shapes]
+        for m in mods:  # N=1: measure our formulation, not the nn.BatchNorm2d fast path
+            m._force_sync = comm.size == 1
+        return mods
+
+    def step(mods: list[nn.Module]) -> float:
+        comm.barrier()
+        t0 = time.perf_counter()
+        for m, x, g in zip(mods, inputs, grads):
+            xi = x.detach().requires_grad_(True)
+            m(xi).backward(g)
+        return time.perf_counter() - t0
+
+    result: dict = {"rank": comm.rank, "size": comm.size, "backend": comm.name, "stats_comm": stats.name,
+                    "layers": len(shapes), "channels": sum(s[1] for s in shapes)}  # fmt: skip
+    built = {k: layers(k) for k in ("bn", "one_pass", "two_pass")}
+    samples: dict[str, list[float]] = {k: [] for k in built}
+    for _ in range(2):
+        for mods in built.values():
+            step(mods)
+    for _ in range(repeats):  # interleaved: every contender sees the same machine noise
+        for kind, mods in built.items():
+            samples[kind].append(step(mods))
+    result["time_s"] = {k: summary(v) for k, v in samples.items()}
+    payload = torch.zeros(2 * 256 + 1, dtype=torch.float64)
+    lat = []
+    for i in range(300):
+        t0 = time.perf_counter()
+        stats.allreduce_(payload)
+        if i >= 50:
+            lat.append(time.perf_counter() - t0)
+    result["allreduce_latency_s"] = summary(lat)
+    if comm.rank == 0:
+        out.write_text(json.dumps(result))
+    dist.shutdown()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=320, help="image side (pixels) for the BN shapes")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="N=1 and N=2 only")
+    p.add_argument("--worker", type=Path)
+    a = p.parse_args()
+    if a.worker:
+        worker(a.worker, a.size, a.repeats)
+        return 0
+    rows = []
+    tmp = HERE.parent / "results" / "cgbn_tmp.json"
+    for label, launcher, n, env in CONTENDERS:
+        if a.quick and n > 2:
+            continue
+        launch(launcher, n, [str(HERE), "--worker", str(tmp), "--size", str(a.size), "--repeats",
+                             str(a.repeats)], env=env)  # fmt: skip
+        r = json.loads(tmp.read_text())
+        t = r["time_s"]
+        rows.append({"contender": label, "N": n, "stats": r["stats_comm"],
+                     "bn_ms": 1e3 * t["bn"]["median"], "cgbn_ms": 1e3 * t["one_pass"]["median"],
+                     "two_pass_ms": 1e3 * t["two_pass"]["median"],
+                     "cgbn_over_bn": t["one_pass"]["median"] / t["bn"]["median"],
+                     "two_over_one": t["two_pass"]["median"] / t["one_pass"]["median"],
+                     "latency_us": 1e6 * r["allreduce_latency_s"]["median"],
+                     "layers": r["layers"], "raw": r})  # fmt: skip
+        print(f"  {label} N={n}: done", flush=True)
+    tmp.unlink(missing_ok=True)
+    cols = [("contender", "contender"), ("N", "N"), ("stats", "stats via"), ("bn_ms", "BN ms"),
+            ("cgbn_ms", "CGBN ms"), ("two_pass_ms", "2-pass ms"), ("cgbn_over_bn", "CGBN/BN"),
+            ("two_over_one", "2-pass/1-pass"), ("latency_us", "allreduce us")]  # fmt: skip
+    print(f"\nfwd+bwd over the {rows[0]['layers']} BN layers of ResNet-50 at 2 images of {a.size}px "
+          f"(median of {a.repeats}; one thread per rank)\n")  # fmt: skip
+    print(table(rows, cols))
+    path = write_result("cgbn", {"size": a.size, "repeats": a.repeats, "rows": rows})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [f"{r['contender']} (N={r['N']})" for r in rows]
+    ax.barh(labels, [r["latency_us"] for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("latency of one CGBN statistics allreduce (us, log)")
+    ax.invert_yaxis()
+    print(f"\nwrote {path} and {savefig(fig, 'cgbn')}")
+    os.environ.pop("MEGDET_CGBN_COMM", None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Training-step throughput: megdet_hpc vs a plain torchvision loop, CGBN vs local BN, weak scaling.
+
+``python bench/train_step.py`` runs, on the demo model (ResNet-18 FPN, 128 px, 2 images per rank, one
+thread per rank, the same synthetic data through the same loader):
+  * N=1, in one process: our step (``Trainer._step``: vote, sampling keys, LR, gradient sync) vs the plain
+    torchvision loop (``model(images, targets)`` -> sum -> backward -> SGD step), interleaved blocks;
+  * N=2 under ``horovodrun --mpi``: our step with CGBN vs with local BN, two trainers in one process,
+    interleaved; and weak scaling = throughput(N=2) / (2 x throughput(N=1)).
+Prints a table, writes bench/results/train_step.json and train_step.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, launch, savefig, summary, table, write_result  # isort: skip
+
+HERE = Path(__file__).resolve()
+
+
+def make_trainer(norm: str, out: Path, world: int):  # type: ignore[no-untyped-def]
+    from megdet_hpc.config import load_config
+    from megdet_hpc.data.synthetic import generate
+    from megdet_hpc.engine import Trainer
+
+    data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", [
+        f"model.norm={norm}", f"train.output_dir={out}", "data.num_workers=0", "train.threads=1",
+        f"solver.total_batch={2 * world}", "train.checkpoint_period=0", "train.tensorboard=false",
+        f"data.train_images={data}/train", f"data.train_annotations={data}/annotations/instances_train.json",
+    ])  # fmt: skip
+    return Trainer(cfg, resume=False)
+
+
+def worker(out: Path, iters: int, blocks: int) -> None:
+    import torch
+
+    from megdet_hpc import dist
+
+    comm = dist.init()
+    tmp = Path(tempfile.mkdtemp())
+    samples: dict[str, list[float]] = {}
+    if comm.size == 1:
+        trainer = make_trainer("cgbn", tmp / "a", 1)
+        data = iter(trainer.loader)
+        plain_opt = torch.optim.SGD(trainer.model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+        def plain() -> None:
+            images, targets, _ = next(data)
+            losses = trainer.model(images, targets)
+            plain_opt.zero_grad()
+            sum(losses.values()).backward()
+            plain_opt.step()
+
+        def ours() -> None:
+            trainer._step(data)
+
+        contenders = {"plain torchvision loop": plain, "megdet_hpc step": ours}
+    else:
+        cg = make_trainer("cgbn", tmp / "cg", comm.size)
+        bn = make_trainer("bn", tmp / "bn", comm.size)
+        it_cg, it_bn = iter(cg.loader), iter(bn.loader)
+        contenders = {"megdet_hpc step, CGBN": lambda: cg._step(it_cg),
+                      "megdet_hpc step, local BN": lambda: bn._step(it_bn)}  # fmt: skip
+    for fn in contenders.values():  # warm-up
+        for _ in range(3):
+            fn()
+    for _ in range(blocks):
+        for name, fn in contenders.items():
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            samples.setdefault(name, []).append((time.perf_counter() - t0) / iters)
+    if comm.rank == 0:
+        out.write_text(json.dumps({"world": comm.size, "stats_comm": dist.stats_comm().name,
+                                   "s_per_iter": {k: summary(v) for k, v in samples.items()}}))  # fmt: skip
+    dist.shutdown()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=10, help="iterations per timed block")
+    p.add_argument("--blocks", type=int, default=6)
+    p.add_argument("--worker", type=Path)
+    a = p.parse_args()
+    if a.worker:
+        worker(a.worker, a.iters, a.blocks)
+        return 0
+    tmp = HERE.parent / "results" / "train_step_tmp.json"
+    runs = {}
+    for launcher, n in (("single", 1), ("hvd-mpi", 2)):
+        launch(
+            launcher, n, [str(HERE), "--worker", str(tmp), "--iters", str(a.iters), "--blocks", str(a.blocks)]
+        )
+        runs[n] = json.loads(tmp.read_text())
+    tmp.unlink(missing_ok=True)
+    rows = []
+    for n, r in runs.items():
+        for name, s in r["s_per_iter"].items():
+            rows.append({"N": n, "contender": name, "s_per_iter": s["median"],
+                         "images_per_s": 2 * n / s["median"], "spread": f"{s['p25']:.3f}-{s['p75']:.3f}"})  # fmt: skip
+    one = runs[1]["s_per_iter"]
+    two = runs[2]["s_per_iter"]
+    ratio_plain = one["plain torchvision loop"]["median"] / one["megdet_hpc step"]["median"]
+    overhead = two["megdet_hpc step, CGBN"]["median"] / two["megdet_hpc step, local BN"]["median"] - 1
+    weak = (4 / two["megdet_hpc step, CGBN"]["median"]) / (2 * 2 / one["megdet_hpc step"]["median"])
+    print(table(rows, [("N", "N"), ("contender", "contender"), ("s_per_iter", "s/iter (median)"),
+                       ("spread", "p25-p75"), ("images_per_s", "images/s")]))  # fmt: skip
+    print(f"\nour step vs plain loop (throughput ratio, N=1): {ratio_plain:.3f}  (target >= 1.0)")
+    print(f"CGBN overhead vs local BN at N=2: {100 * overhead:+.1f}%  (target <= 5%)")
+    print(f"weak scaling efficiency 1 -> 2 ranks (CGBN): {weak:.3f}  (target >= 0.85)")
+    path = write_result("train_step", {"rows": rows, "ours_vs_plain": ratio_plain, "cgbn_overhead": overhead,
+                                       "weak_scaling_efficiency": weak, "runs": runs})  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh([f"N={r['N']}: {r['contender']}" for r in rows], [r["images_per_s"] for r in rows])
+    ax.set_xlabel("images/s (demo model, CPU, 1 thread per rank)")
+    ax.invert_yaxis()
+    print(f"wrote {path} and {savefig(fig, 'train_step')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

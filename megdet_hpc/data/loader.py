@@ -1,0 +1,77 @@
+"""Build datasets and loaders from the config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megdet_hpc.config import Config
+from megdet_hpc.data.coco import CocoDetection
+from megdet_hpc.data.sampler import ResumableGroupedSampler
+
+
+class _KeyedDataset(torch.utils.data.Dataset):
+    """Passes the sampler's (epoch, batch number) through so the trainer knows what it consumed."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, flip_seed, epoch, number = key
+        image, target = self.dataset[(index, flip_seed)]
+        target["_position"] = (epoch, number)
+        return image, target
+
+
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Slurm signals every process of a step, DataLoader workers included; a worker killed by USR1
+    would crash the trainer before it can checkpoint.  Workers ignore them; the trainer handles them."""
+    import signal
+
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, list, tuple[int, int]]:
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    position = targets[-1].pop("_position")
+    for t in targets[:-1]:
+        t.pop("_position", None)
+    return images, targets, position
+
+
+def build_train_dataset(cfg: Config) -> CocoDetection:
+    return CocoDetection(cfg.data.train_images, cfg.data.train_annotations, train=True,
+                         flip_prob=cfg.data.flip_prob)  # fmt: skip
+
+
+def build_val_dataset(cfg: Config) -> CocoDetection:
+    return CocoDetection(cfg.data.val_images, cfg.data.val_annotations, train=False)
+
+
+def build_train_loader(
+    cfg: Config, dataset: CocoDetection, rank: int, world: int
+) -> tuple[torch.utils.data.DataLoader, ResumableGroupedSampler]:
+    sampler = ResumableGroupedSampler(
+        dataset.aspect_ratios,
+        cfg.solver.total_batch // cfg.solver.grad_accum,
+        rank,
+        world,
+        seed=cfg.train.seed,
+        group_by_aspect=cfg.data.aspect_ratio_grouping,
+    )
+    loader = torch.utils.data.DataLoader(
+        _KeyedDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        worker_init_fn=_ignore_preemption_signals,
+        persistent_workers=cfg.data.num_workers > 0,
+        prefetch_factor=2 if cfg.data.num_workers > 0 else None,
+    )
+    return loader, sampler

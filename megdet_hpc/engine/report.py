@@ -1,0 +1,47 @@
+"""``python -m megdet_hpc.engine.report OUTPUT_DIR``: a short summary of a finished run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def summarize(output_dir: Path) -> str:
+    metrics_file = output_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {output_dir}")
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "images_per_s" in r]
+    evals = [r for r in records if "AP50" in r]
+    steady = train[len(train) // 5 :] or train
+    ips = sum(r["images_per_s"] for r in steady) / max(len(steady), 1)
+    lines = [f"run: {output_dir}"]
+    if train:
+        lines.append(f"iterations: {train[-1]['iteration']}  images seen: {train[-1]['images_seen']}  "
+                     f"throughput: {ips:.2f} images/s  final loss: {train[-1]['loss']:.3f}")  # fmt: skip
+    if evals:
+        e = evals[-1]
+        lines.append(f"COCO bbox (val): AP {e['AP']:.3f}  AP50 {e['AP50']:.3f}  AP75 {e['AP75']:.3f}")
+    lines.append(f"curves: {output_dir / 'training_curves.png'}")
+    lines.append(f"checkpoints: {output_dir} (last_checkpoint -> "
+                 f"{(output_dir / 'last_checkpoint').read_text().strip() if (output_dir / 'last_checkpoint').exists() else '-'})")  # fmt: skip
+    lines.append(f"detections: {output_dir / 'eval' / 'bbox_results.json'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m megdet_hpc.engine.report OUTPUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        print(summarize(Path(args[0])))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Evaluation: distributed inference and COCO bbox metrics."""
+
+from megdet_hpc.evaluation.coco_eval import METRIC_NAMES, coco_bbox_metrics, evaluate, inference
+
+__all__ = ["METRIC_NAMES", "coco_bbox_metrics", "evaluate", "inference"]

@@ -1,0 +1,1 @@
+"""Launching: local launcher command lines, Slurm script generation, the submitit launcher."""

@@ -1,0 +1,106 @@
+"""The MegDet detector: torchvision Faster R-CNN + FPN on a ResNet, with CGBN where configured.
+
+Built with ``weights=None`` (no downloads); ImageNet backbone weights or full detector weights load
+from local files named in the config.  Backbone BN is *trainable* BatchNorm turned into CGBN (not
+torchvision's default FrozenBatchNorm2d): training BN with a large, cross-GPU batch is MegDet's point.
+``model.cgbn_where`` adds norm layers to the FPN and a conv box head (the fasterrcnn_v2 style) so CGBN
+can also go there.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from megdet_hpc.config import Config, ConfigError
+from megdet_hpc.layers import convert_to_cgbn
+from megdet_hpc.modeling.sampling import install_seeded_samplers
+
+
+def _load_state(path: str, what: str) -> dict[str, torch.Tensor]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} file not found: {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{what} file {file} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{what} file {file} does not hold a state_dict")
+    return state
+
+
+def build_model(cfg: Config) -> FasterRCNN:
+    m = cfg.model
+    norm_layer: type[nn.Module] = FrozenBatchNorm2d if m.norm == "frozen" else nn.BatchNorm2d
+    body = getattr(torchvision.models, m.backbone)(weights=None, norm_layer=norm_layer)
+    if m.backbone_weights:
+        state = _load_state(m.backbone_weights, "model.backbone_weights")
+        missing, _ = body.load_state_dict(state, strict=False)
+        if len(missing) > len(body.state_dict()) // 2:
+            raise ConfigError(f"model.backbone_weights {m.backbone_weights} does not match {m.backbone}")
+    fpn_norm = nn.BatchNorm2d if (m.norm == "cgbn" and "fpn" in m.cgbn_where) else None
+    backbone = _resnet_fpn_extractor(body, m.trainable_layers, norm_layer=fpn_norm)
+    sizes = tuple((s,) for s in m.anchor_sizes)
+    anchors = AnchorGenerator(sizes, (tuple(m.aspect_ratios),) * len(sizes))
+    roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=m.roi_sampling_ratio)
+    if m.box_head_convs > 0:
+        head_norm = nn.BatchNorm2d if m.norm != "frozen" else None
+        box_head: nn.Module = FastRCNNConvFCHead(
+            (backbone.out_channels, 7, 7), [256] * m.box_head_convs, [m.box_head_dim], norm_layer=head_norm
+        )
+    else:
+        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, m.box_head_dim)
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=m.min_size,
+        max_size=m.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(m.box_head_dim, m.num_classes + 1),
+        box_batch_size_per_image=m.box_batch_size_per_image,
+        box_score_thresh=m.box_score_thresh,
+        box_detections_per_img=m.box_detections_per_img,
+    )
+    if m.weights:
+        state = _load_state(m.weights, "model.weights")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"model.weights {m.weights} does not match the configured model: {first}"
+            ) from exc
+    if m.norm == "cgbn":
+        group = m.bn_group_size or None
+        convert = partial(convert_to_cgbn, group_size=group, two_pass=m.cgbn_two_pass)
+        if "backbone" in m.cgbn_where:
+            convert(model.backbone.body)
+        if "fpn" in m.cgbn_where:
+            convert(model.backbone.fpn)
+        if "box_head" in m.cgbn_where:
+            convert(model.roi_heads.box_head)
+    if m.deterministic_sampling:
+        install_seeded_samplers(model)
+    return model

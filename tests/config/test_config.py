@@ -1,0 +1,98 @@
+"""Config loading: inheritance, overrides, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megdet_hpc.config import ConfigError, load_config, parse_overrides
+from megdet_hpc.engine.batch import plan_batch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_configs_load_and_are_consistent() -> None:
+    bs16 = load_config(REPO / "configs/megdet_r50_fpn_bs16.yaml")
+    bs256 = load_config(REPO / "configs/megdet_r50_fpn_bs256.yaml")
+    assert (bs16.solver.total_batch, bs256.solver.total_batch) == (16, 256)
+    assert bs16.model.backbone == "resnet50" and bs16.model.norm == "cgbn"
+    # Same schedule in images: 90k x 16 == 5625 x 256.
+    assert bs16.solver.max_iter * 16 == bs256.solver.max_iter * 256
+    plan_batch(8, 2, 1, 16, None)
+    plan_batch(128, 2, 1, 256, None)
+    demo = load_config(REPO / "configs/demo_cpu.yaml")
+    plan_batch(2, demo.data.images_per_gpu, demo.solver.grad_accum, demo.solver.total_batch, None)
+
+
+def test_overrides_are_typed() -> None:
+    assert parse_overrides(["solver.steps=[1,2]", "model.backbone=resnet18"]) == {
+        "solver": {"steps": [1, 2]},
+        "model": {"backbone": "resnet18"},
+    }
+    cfg = load_config(None, ["solver.base_lr=1", "model.cgbn_where=[backbone,fpn]"])
+    assert cfg.solver.base_lr == 1.0 and cfg.model.cgbn_where == ["backbone", "fpn"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.colour=red"], "unknown config key model.colour"),
+        (["modle.backbone=resnet18"], "unknown config key modle"),
+        (["solver.base_lr=fast"], "solver.base_lr: expected a number"),
+        (["solver.max_iter=1.5"], "solver.max_iter: expected an integer"),
+        (["model.backbone=vgg16"], "model.backbone='vgg16' is not one of"),
+        (["solver.steps=[10,5]"], "solver.steps must be increasing"),
+        (["model.cgbn_where=[head]"], "model.cgbn_where: 'head'"),
+        (["model.cgbn_where=[box_head]"], "box_head_convs is 0"),
+        (["solver.warmup_factor=0"], "solver.warmup_factor"),
+        (["data.images_per_gpu=0"], "data.images_per_gpu must be > 0"),
+        (["solver.base_lr"], "not of the form"),
+    ],
+)
+def test_bad_values_raise_one_line_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_batch_arithmetic_is_checked_on_a_fresh_start() -> None:
+    with pytest.raises(ConfigError, match=r"solver.total_batch=16 != world size 4 x data.images_per_gpu 2"):
+        plan_batch(4, 2, 1, 16, None)
+
+
+def test_resume_on_another_world_size_keeps_the_total_batch() -> None:
+    assert plan_batch(1, 2, 1, 2, resuming_from=4).grad_accum == 2  # 2 -> 1 rank: accumulate
+    assert plan_batch(4, 2, 1, 8, resuming_from=4).images_per_gpu == 1  # 2 -> 4 ranks: fewer per GPU
+    odd = plan_batch(3, 2, 1, 6, resuming_from=4)  # cannot keep 4 with 3 ranks
+    assert odd.total == 6
+
+
+def test_inheritance_and_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("solver:\n  base_lr: 0.5\n  max_iter: 7\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nsolver:\n  max_iter: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.solver.base_lr, cfg.solver.max_iter) == (0.5, 9)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("solver: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="inheritance loop"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.train", "--config", str(REPO / "configs/demo_cpu.yaml"),
+         "solver.max_iter=oops", f"train.output_dir={tmp_path}/out"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "megdet_hpc.train: error: solver.max_iter: expected an integer, got 'oops'"
+    ]
+    assert not (tmp_path / "out").exists()

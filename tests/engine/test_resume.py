@@ -1,0 +1,148 @@
+"""Checkpoint-restart end to end: bit-exact resume, signals, world-size changes, dead ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from launchers import REPO, command, run
+
+TRAIN = ["-m", "megdet_hpc.train"]
+FIXED = {"solver": {"warmup_iters": 5, "max_iter": 8, "steps": [6]},
+         "train": {"checkpoint_period": 0, "eval_at_end": False}}  # fmt: skip
+
+
+def final_state(out: Path, iteration: int) -> dict:
+    return torch.load(out / f"model_{iteration:07d}.pth", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    for key in ("model",):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]), f"momentum {k}"
+    assert a["sampler"] == b["sampler"] and a["images_seen"] == b["images_seen"]
+
+
+def test_interrupted_runs_end_bitwise_identical(tiny_config, tmp_path: Path) -> None:
+    """2 ranks under horovodrun; stopped during warmup (it 2) and after it (it 6), resumed each time."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, **FIXED)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={ref}"])
+    for stop in (2, 6, 8):
+        run(
+            "hvd-gloo",
+            2,
+            [*TRAIN, "--config", str(cfg), f"train.output_dir={cut}", f"solver.max_iter={stop}"],
+        )
+    assert sorted(p.name for p in cut.glob("model_*.pth"))[-1] == "model_0000008.pth"
+    assert_bitwise_equal(final_state(ref, 8), final_state(cut, 8))
+    lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "loss" in r] == list(range(1, 9))  # history kept, no replay
+
+
+def _wait_for_iteration(out: Path, iteration: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x).get("iteration", 0) >= iteration
+                                    for x in metrics.read_text().splitlines()):  # fmt: skip
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.returncode}\n{proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError("training did not reach the iteration in time")
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return [k for k in kids if "megdet_hpc.train" in " ".join(k.cmdline())]
+
+
+def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "MEGDET_COMM": {"hvd-gloo": "horovod", "mpirun": "mpi"}[launcher],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    argv = [*TRAIN, "--config", str(cfg), f"train.output_dir={out}", *extra]
+    return subprocess.Popen(command(launcher, 2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_sigusr1_checkpoints_exits_and_resumes_identically(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    proc = _start("hvd-gloo", cfg, cut)
+    _wait_for_iteration(cut, 3, proc)
+    workers = _workers(proc)
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the per-step vote stops both
+    proc.wait(timeout=120)
+    out, err = proc.communicate()
+    assert proc.returncode != 0  # horovodrun reports the workers' exit code 3 as a failure
+    assert "stopped by" in out
+    stopped_at = int((cut / "last_checkpoint").read_text().strip()[6:13])
+    assert 3 <= stopped_at < 40
+    run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={cut}"])
+    run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={ref}"])
+    assert_bitwise_equal(final_state(ref, 40), final_state(cut, 40))
+
+
+def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:
+    """2 -> 1 ranks keeps the total batch (accumulation) and the exact image stream; 1 -> 2 too."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, **FIXED)
+    ref, down = tmp_path / "ref", tmp_path / "down"
+    run("mpirun", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={ref}"])
+    run("mpirun", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={down}", "solver.max_iter=3"])
+    proc = run("single", 1, [*TRAIN, "--config", str(cfg), f"train.output_dir={down}"])
+    assert "keeping the total batch 2 with grad_accum 2" in proc.stdout
+    a, b = final_state(ref, 8), final_state(down, 8)
+    assert a["sampler"] == b["sampler"] and a["images_seen"] == b["images_seen"] == 16
+    assert b["world_size"] == 1 and b["grad_accum"] == 2
+    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]
+                if a["model"][k].is_floating_point())  # fmt: skip
+    assert worst < 1e-3, worst  # same images and LR; only the summation order differs
+
+    up = tmp_path / "up"
+    cfg2 = tiny_config("two.yaml", data={"images_per_gpu": 2}, **FIXED)
+    run("single", 1, [*TRAIN, "--config", str(cfg2), f"train.output_dir={up}", "solver.max_iter=3"])
+    proc = run("mpirun", 2, [*TRAIN, "--config", str(cfg2), f"train.output_dir={up}"])
+    assert "keeping the total batch 2 with images_per_gpu 1" in proc.stdout
+    c = final_state(up, 8)
+    assert c["sampler"] == a["sampler"] and c["world_size"] == 2
+
+
+def test_killed_rank_ends_the_job_quickly(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 100000},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    for launcher in ("hvd-gloo", "mpirun"):
+        out = tmp_path / launcher
+        proc = _start(launcher, cfg, out)
+        _wait_for_iteration(out, 2, proc)
+        victim = _workers(proc)[-1]
+        victim.send_signal(signal.SIGKILL)
+        t0 = time.time()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        elapsed = time.time() - t0
+        stdout, stderr = proc.communicate()
+        assert proc.returncode != 0 and elapsed < 60, (launcher, elapsed)
+        text = stdout + stderr
+        assert (
+            ("Process name: 1" in text or "Process name: 0" in text)
+            if launcher == "hvd-gloo"
+            else ("exited on signal 9" in text)
+        ), text[-2000:]

@@ -1,0 +1,127 @@
+"""Real jobs on the local Slurm cluster: sbatch, the submitit launcher, and preemption + requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megdet_hpc.launch.slurm_script import SlurmJob, render
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MEGDET_PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", **extra)  # fmt: skip
+    env.pop("MEGDET_COMM", None)
+    return env
+
+
+def cpu_script(tmp_path: Path, name: str = "job.sh", **kw) -> Path:
+    params = {"gpus": 2, "gpus_per_node": 0, "images_per_gpu": 1, "cpus_per_task": 1, "time": "00:15:00",
+              "partition": "low", "signal_lead_s": 60, **kw}  # fmt: skip
+    path = tmp_path / name
+    path.write_text(render(SlurmJob(**params)))
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return path
+
+
+def squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def wait_gone(job_id: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while squeue_state(job_id) and time.time() < deadline:
+        time.sleep(1)
+    assert not squeue_state(job_id), f"job {job_id} still {squeue_state(job_id)}"
+
+
+def test_sbatch_cpu_script_trains_and_checkpoints(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
+    """1 node, 2 tasks, a job name and output dir full of shell metacharacters."""
+    marker = tmp_path / "pwned"
+    out = tmp_path / f"out dir $(touch {marker})"
+    script = cpu_script(tmp_path, job_name=f"megdet 'test' $(touch {marker})", output_dir=str(out))
+    cfg = tiny_config(train={"checkpoint_period": 1, "eval_at_end": False}, solver={"max_iter": 3})
+    proc = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env=job_env(MEGDET_CONFIG=str(cfg)), timeout=300)  # fmt: skip
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+    assert proc.returncode == 0, proc.stderr + logs[-3000:]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    state = torch.load(out / "model_0000003.pth", weights_only=True)
+    assert state["world_size"] == 2
+    assert not marker.exists()
+
+
+def test_submitit_launcher_runs_to_completion(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 3},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node",
+         "2", "--cpus-per-task", "1", "--timeout", "20", "--partition", "low", "--folder", str(tmp_path / "sub"),
+         "--config", str(cfg), "--wait"],
+        cwd=REPO, capture_output=True, text=True, env=job_env(), timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted job" in proc.stdout and "2 task(s) succeeded" in proc.stdout
+    state = torch.load(tmp_path / "out/model_0000003.pth", weights_only=True)
+    assert state["world_size"] == 2 and state["iteration"] == 3
+
+
+def test_launcher_dry_run_and_bad_input(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    dry = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--nodes", "2", "--gpus-per-node", "8",
+                          "--config", str(cfg), "--dry-run", "--folder", str(tmp_path / "f")],
+                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --nodes=2" in dry.stdout and "--signal=USR2@120" in dry.stdout
+    assert "--total-batch 32" in dry.stdout and not (tmp_path / "f").exists()
+    bad = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--config", str(tmp_path / "nope.yaml")],
+                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "megdet_hpc.launch: error: config file not found"
+    )
+
+
+def _iteration(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return 0
+    return max((json.loads(x).get("iteration", 0) for x in metrics.read_text().splitlines()), default=0)
+
+
+def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    script = cpu_script(tmp_path)
+    done = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(ref)), timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                         env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(cut)), check=True)  # fmt: skip
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 240
+    while _iteration(cut) < 5:
+        assert time.time() < deadline, "job never reached iteration 5"
+        time.sleep(0.2)
+    # A job in the high-priority partition needs both CPUs: Slurm preempts (SIGTERM + USR2) and requeues.
+    subprocess.run(["sbatch", "-p", "high", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 2"], check=True,
+                   capture_output=True)  # fmt: skip
+    wait_gone(job_id, timeout=400)
+    log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob(f"*-{job_id}.out"))
+    assert "restart 1" in log, log[-3000:]
+    assert "stopped by" in log
+    a = torch.load(ref / "model_0000040.pth", weights_only=True)
+    b = torch.load(cut / "model_0000040.pth", weights_only=True)
+    assert b["iteration"] == 40 and a["sampler"] == b["sampler"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
