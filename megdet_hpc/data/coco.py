@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import numpy as np
+from PIL import Image
 from pycocotools.coco import COCO
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 
 class DataError(ValueError):
@@ -102,10 +103,11 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_image(self, image_id: int) -> torch.Tensor:
         path = self.root / self.coco.imgs[image_id]["file_name"]
         try:
-            data = read_file(str(path))
-            return decode_image(data, mode=ImageReadMode.RGB).float().div_(255.0)
-        except (RuntimeError, OSError) as exc:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """``key`` is an index, or ``(index, flip_seed)`` from the sampler for reproducible flips."""

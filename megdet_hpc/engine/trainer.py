@@ -169,6 +169,9 @@ class Trainer:
     def _step(self, data_iter: Any) -> tuple[dict[str, float], bool, bool, tuple[int, int]]:
         model = self.sync.forward_model
         self.sync.zero_grad()
+        # BN running statistics change in forward: keep a copy (a few KiB) so a skipped step leaves
+        # the model exactly as it was.
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         totals: dict[str, float] = {}
         nonfinite = stop = False
         position = (0, 0)
@@ -195,15 +198,25 @@ class Trainer:
             for k, v in mean.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
         if nonfinite:
-            self.sync.zero_grad()
+            self._skip_step(saved_buffers)
             return totals, True, stop, position
-        if self.cfg.solver.clip_grad_norm > 0:
-            self.sync.synchronize()
-            if self.scaler is not None:
-                self.scaler.unscale_(self.sync.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.clip_grad_norm)
+        # Averaged gradients are identical on every rank, so this check needs no collective.
+        self.sync.synchronize()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.sync.optimizer)
+        clip = self.cfg.solver.clip_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm) and self.scaler is None:
+            self._skip_step(saved_buffers)
+            return totals, True, stop, position
         self.sync.step(self.scaler)
         return totals, False, stop, position
+
+    def _skip_step(self, saved_buffers: list[torch.Tensor]) -> None:
+        self.sync.zero_grad()
+        with torch.no_grad():
+            for buf, old in zip(self.model.buffers(), saved_buffers):
+                buf.copy_(old)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self) -> int:
@@ -225,7 +238,7 @@ class Trainer:
                 p.sampler = self.sampler.state_after(*position)
                 if nonfinite:
                     p.nonfinite_streak += 1
-                    msg = (f"non-finite loss at iteration {p.iteration} on at least one rank "
+                    msg = (f"non-finite loss or gradient at iteration {p.iteration} on at least one rank "
                            f"({p.nonfinite_streak} in a row); step skipped, model unchanged")  # fmt: skip
                     log.error(msg)
                     if p.nonfinite_streak >= cfg.solver.max_nonfinite:

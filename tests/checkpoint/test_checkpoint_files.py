@@ -37,7 +37,8 @@ def test_fallback_past_truncated_and_garbage(tmp_path: Path, caplog: pytest.LogC
         write_checkpoint(tmp_path, it, state(float(it)), {"iteration": it})
     newest = tmp_path / "model_0000006.pth"
     newest.write_bytes(newest.read_bytes()[:50])  # truncated
-    (tmp_path / "model_0000004.pth").write_bytes(b"garbage" * 100)  # corrupted
+    middle = tmp_path / "model_0000004.pth"
+    middle.write_bytes(bytes(b ^ 0xFF for b in middle.read_bytes()))  # corrupted, same size
     ckpt = Checkpointer(tmp_path, COMM, keep=5, background=False)
     with caplog.at_level("WARNING"):
         chosen = ckpt.find_valid()

