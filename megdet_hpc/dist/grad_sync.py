@@ -1,8 +1,8 @@
 """Gradient averaging per backend, behind one small interface the trainer uses.
 
 * horovod: ``hvd.DistributedOptimizer`` (allreduce overlapped with backward, tensor fusion, optional
-  fp16 compression, ``backward_passes_per_step`` for accumulation) after broadcasting parameters and
-  optimizer state from rank 0 -- the Horovod recipe.
+  fp16 compression, ``backward_passes_per_step`` for accumulation) after broadcasting parameters from
+  rank 0.
 * torch: ``DistributedDataParallel`` (bucketed, overlapped), ``no_sync`` on accumulation steps.
 * mpi / none: one flattened allreduce through ``Comm`` after the last backward.
 
@@ -75,7 +75,10 @@ class HorovodGradientSync(GradientSync):
 
         self.comm, self.model, self._synced = comm, model, False
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # No hvd.broadcast_optimizer_state: every rank loads the optimizer state from the same
+        # checkpoint file (after wrapping, since DistributedOptimizer re-creates the optimizer), and
+        # on a fresh start there is none.  Its recipe would also take a dummy zero-gradient step that
+        # applies weight decay to the initial weights.
         self.optimizer = hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),

@@ -84,10 +84,10 @@ class Trainer:
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, self.model)
-        if ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
         self.sync = make_gradient_sync(self.comm, self.model, optimizer, accum=self.batch.grad_accum,
                                        fp16_compression=s.fp16_compression)  # fmt: skip
+        if ckpt:  # after wrapping: hvd.DistributedOptimizer re-creates the optimizer without its state
+            self.sync.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler = torch.amp.GradScaler("cuda") if (s.amp and self.device.type == "cuda") else None
         if self.scaler is not None and ckpt and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -66,7 +66,8 @@ def _wait_for_iteration(out: Path, iteration: int, proc: subprocess.Popen, timeo
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
     kids = psutil.Process(proc.pid).children(recursive=True)
-    return [k for k in kids if "megdet_hpc.train" in " ".join(k.cmdline())]
+    # horovodrun wraps each rank in `sh -c`: keep the Python processes themselves.
+    return [k for k in kids if k.name().startswith("python") and "megdet_hpc.train" in " ".join(k.cmdline())]
 
 
 def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -109,9 +110,11 @@ def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:
     a, b = final_state(ref, 8), final_state(down, 8)
     assert a["sampler"] == b["sampler"] and a["images_seen"] == b["images_seen"] == 16
     assert b["world_size"] == 1 and b["grad_accum"] == 2
-    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]
-                if a["model"][k].is_floating_point())  # fmt: skip
-    assert worst < 1e-3, worst  # same images and LR; only the summation order differs
+    # The LR curve continues from images seen (weights differ: BN now normalises 1 image per forward).
+    lr = lambda out: {r["iteration"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                      if "lr" in r}  # noqa: E731  # fmt: skip
+    assert lr(down) == lr(ref)
+    assert all(torch.isfinite(v).all() for v in b["model"].values() if v.is_floating_point())
 
     up = tmp_path / "up"
     cfg2 = tiny_config("two.yaml", data={"images_per_gpu": 2}, **FIXED)
@@ -119,7 +122,8 @@ def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:
     proc = run("mpirun", 2, [*TRAIN, "--config", str(cfg2), f"train.output_dir={up}"])
     assert "keeping the total batch 2 with images_per_gpu 1" in proc.stdout
     c = final_state(up, 8)
-    assert c["sampler"] == a["sampler"] and c["world_size"] == 2
+    assert c["sampler"] == a["sampler"] and c["world_size"] == 2 and c["images_per_gpu"] == 1
+    assert lr(up) == lr(ref)
 
 
 def test_killed_rank_ends_the_job_quickly(tiny_config, tmp_path: Path) -> None:
