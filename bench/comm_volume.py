@@ -52,7 +52,13 @@ def worker(out: Path) -> None:
 def formula(channels: list[int], params: int, n: int, design: str) -> dict[str, float]:
     """Collectives, payload elements and wire bytes per rank for one iteration."""
     if n == 1:
-        return {"calls": 0, "cgbn_calls": 0, "cgbn_wire_bytes": 0.0, "grad_wire_bytes": 0.0, "wire_bytes": 0.0}
+        return {
+            "calls": 0,
+            "cgbn_calls": 0,
+            "cgbn_wire_bytes": 0.0,
+            "grad_wire_bytes": 0.0,
+            "wire_bytes": 0.0,
+        }
     ring_ar = 2 * (n - 1) / n
     if design == "cgbn":
         cg = sum(ring_ar * ((2 * c + 1) * 8 + 2 * c * 4) for c in channels)
@@ -101,7 +107,9 @@ def main() -> int:
                      "ratio": torch_design["cgbn_wire_bytes"] / ours["cgbn_wire_bytes"] if n > 1 else None,
                      "grad_MiB": ours["grad_wire_bytes"] / 2**20,
                      "total_MiB_ours": ours["wire_bytes"] / 2**20, "total_MiB_allgather": torch_design["wire_bytes"] / 2**20})  # fmt: skip
-    print(f"\nper iteration and rank ({len(channels)} CGBN layers, sum C = {sum(channels)}, {params / 1e6:.1f}M params):")
+    print(
+        f"\nper iteration and rank ({len(channels)} CGBN layers, sum C = {sum(channels)}, {params / 1e6:.1f}M params):"
+    )
     print(table(rows, [("N", "N"), ("collectives", "collectives"), ("cgbn_KiB", "CGBN wire KiB"),
                        ("allgather_syncbn_KiB", "all-gather SyncBN KiB"), ("ratio", "ratio"),
                        ("grad_MiB", "grad MiB"), ("total_MiB_ours", "total MiB"),

@@ -47,9 +47,9 @@ def wait_gone(job_id: str, timeout: float) -> None:
 
 def test_sbatch_cpu_script_trains_and_checkpoints(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
     """1 node, 2 tasks, a job name and output dir full of shell metacharacters."""
-    marker = tmp_path / "pwned"
-    out = tmp_path / f"out dir $(touch {marker})"
-    script = cpu_script(tmp_path, job_name=f"megdet 'test' $(touch {marker})", output_dir=str(out))
+    marker = tmp_path / "pwned"  # `touch pwned` would create it in the job's working directory
+    out = tmp_path / "out dir $(touch pwned) `touch pwned`"
+    script = cpu_script(tmp_path, job_name="megdet 'test' $(touch pwned)", output_dir=str(out))
     cfg = tiny_config(train={"checkpoint_period": 1, "eval_at_end": False}, solver={"max_iter": 3})
     proc = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
                           env=job_env(MEGDET_CONFIG=str(cfg)), timeout=300)  # fmt: skip

@@ -22,7 +22,9 @@ def test_ring_allreduce_formula() -> None:
 def test_hierarchical_beyond_a_node() -> None:
     m = Machine("m", 0.1, gpus_per_node=8, intra=Link(1e-6, 100e9), inter=Link(1e-5, 10e9))
     assert m.allreduce_s(8, 1e8) == pytest.approx(m.intra.ring_allreduce_s(8, 1e8))
-    assert m.allreduce_s(16, 1e8) == pytest.approx(m.intra.ring_allreduce_s(8, 1e8) + m.inter.ring_allreduce_s(2, 1e8 / 8))
+    assert m.allreduce_s(16, 1e8) == pytest.approx(
+        m.intra.ring_allreduce_s(8, 1e8) + m.inter.ring_allreduce_s(2, 1e8 / 8)
+    )
 
 
 def test_predictions_scale_sensibly() -> None:
@@ -31,7 +33,9 @@ def test_predictions_scale_sensibly() -> None:
     assert preds[0].efficiency == pytest.approx(1.0) and preds[0].cgbn_s == 0.0
     assert all(a.efficiency >= b.efficiency for a, b in zip(preds, preds[1:]))
     assert all(a.time_to_train_h > b.time_to_train_h for a, b in zip(preds, preds[1:]))
-    local = predict(PRESETS["megdet2018"], Workload(2, 40_000_000, (64,) * 40, 1_440_000, bn_group_size=1), 128)
+    local = predict(
+        PRESETS["megdet2018"], Workload(2, 40_000_000, (64,) * 40, 1_440_000, bn_group_size=1), 128
+    )
     assert local.cgbn_s == 0.0 and local.iter_s < preds[-1].iter_s
 
 
