@@ -111,8 +111,6 @@ def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:
     assert a["sampler"] == b["sampler"] and a["images_seen"] == b["images_seen"] == 16
     assert b["world_size"] == 1 and b["grad_accum"] == 2
     # The LR curve continues from images seen (weights differ: BN now normalises 1 image per forward).
-    lr = lambda out: {r["iteration"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                      if "lr" in r}  # noqa: E731  # fmt: skip
     assert lr(down) == lr(ref)
     assert all(torch.isfinite(v).all() for v in b["model"].values() if v.is_floating_point())
 
@@ -124,6 +122,11 @@ def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:
     c = final_state(up, 8)
     assert c["sampler"] == a["sampler"] and c["world_size"] == 2 and c["images_per_gpu"] == 1
     assert lr(up) == lr(ref)
+
+
+def lr(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["lr"] for r in rows if "lr" in r}
 
 
 def test_killed_rank_ends_the_job_quickly(tiny_config, tmp_path: Path) -> None:
