@@ -65,7 +65,7 @@ def formula(channels: list[int], params: int, n: int, design: str) -> dict[str, 
     else:  # torch SyncBatchNorm: all-gather N x (2C+1) float32 forward, allreduce 2C backward
         cg = sum((n - 1) * (2 * c + 1) * 4 + ring_ar * 2 * c * 4 for c in channels)
     grad = ring_ar * params * 4
-    vote = ring_ar * 6 * 8  # [non-finite, stop, 4 losses] float64
+    vote = ring_ar * 7 * 8  # [non-finite, stop, checkpoint-time, 4 losses] float64
     return {"calls": 2 * len(channels) + 2, "cgbn_calls": 2 * len(channels), "cgbn_wire_bytes": cg,
             "grad_wire_bytes": grad, "wire_bytes": cg + grad + vote}  # fmt: skip
 

@@ -103,6 +103,23 @@ class Checkpointer:
                 old.unlink(missing_ok=True)
                 old.with_suffix(".json").unlink(missing_ok=True)
 
+    def archive_previous_run(self) -> Path | None:
+        """``--no-resume``: move an earlier run's checkpoints, pointer and metrics into
+        ``archive/<time>/`` (rank 0) so a fresh start neither resumes from nor overwrites them."""
+        moved: Path | None = None
+        if self.comm.is_main and self.folder.is_dir():
+            names = [p for p in self.folder.iterdir()
+                     if NAME_RE.match(p.name) or p.name in (POINTER, "metrics.jsonl")
+                     or (p.suffix == ".json" and NAME_RE.match(p.with_suffix(".pth").name))]  # fmt: skip
+            if names:
+                moved = self.folder / "archive" / time.strftime("%Y%m%d-%H%M%S")
+                moved.mkdir(parents=True, exist_ok=False)
+                for p in names:
+                    p.rename(moved / p.name)
+                log.warning("--no-resume: moved the previous run's %d file(s) to %s", len(names), moved)
+        self.comm.barrier()
+        return moved
+
     # -- resuming ---------------------------------------------------------------------------------
     def find_valid(self, explicit: Path | None = None) -> Path | None:
         """Rank 0 chooses the checkpoint (verifying it), every rank gets the same answer."""

@@ -56,12 +56,17 @@ class GradientSync:
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         self.synchronize()
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
+        with self._no_resync():
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
         self._synced = False
+
+    def _no_resync(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which ``optimizer.step`` must not reduce the gradients again."""
+        return contextlib.nullcontext()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()  # set_to_none is the default (and Horovod takes no argument)
@@ -92,15 +97,8 @@ class HorovodGradientSync(GradientSync):
             self.optimizer.synchronize()
             self._synced = True
 
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        self.synchronize()
-        with self.optimizer.skip_synchronize():
-            if scaler is not None:
-                scaler.step(self.optimizer)
-                scaler.update()
-            else:
-                self.optimizer.step()
-        self._synced = False
+    def _no_resync(self) -> contextlib.AbstractContextManager[None]:
+        return self.optimizer.skip_synchronize()
 
 
 class DDPGradientSync(GradientSync):

@@ -69,6 +69,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.checkpointer = Checkpointer(self.output_dir, self.comm, cfg.train.keep_checkpoints,
                                          cfg.train.async_checkpoint)  # fmt: skip
+        if not resume and resume_from is None:
+            self.checkpointer.archive_previous_run()
         ckpt_path = self.checkpointer.find_valid(resume_from) if (resume or resume_from) else None
         self.resumed_from = ckpt_path
         ckpt = self.checkpointer.load(ckpt_path) if ckpt_path else None
@@ -109,6 +111,7 @@ class Trainer:
             rng_state.seed_all(cfg.train.seed * 1000 + self.comm.rank)
         self.stop = StopFlag()
         self._last_ckpt_time = time.monotonic()
+        self._time_checkpoint_due = False
 
     # -- state ----------------------------------------------------------------------------------------
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -155,15 +158,24 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------
     def _vote(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool, dict[str, float]]:
-        """One allreduce: [non-finite count, stop count, loss components...] -> shared decision."""
+        """One allreduce: [non-finite count, stop count, checkpoint-time flag, losses...].
+
+        The checkpoint-time flag is raised by rank 0's clock only, so a time-based checkpoint
+        happens on every rank at the same iteration without a collective of its own.
+        """
         names = sorted(losses)
         values = torch.tensor([float(losses[k].detach()) for k in names], dtype=torch.float64)
         finite = bool(torch.isfinite(values).all())
-        vec = torch.cat([torch.tensor([0.0 if finite else 1.0, 1.0 if self.stop.raised else 0.0],
-                                      dtype=torch.float64), torch.nan_to_num(values, nan=0.0, posinf=0.0,
-                                                                             neginf=0.0)])  # fmt: skip
+        minutes = self.cfg.train.checkpoint_minutes
+        time_due = (self.comm.is_main and minutes > 0
+                    and time.monotonic() - self._last_ckpt_time >= minutes * 60)  # fmt: skip
+        flags = torch.tensor(
+            [0.0 if finite else 1.0, float(self.stop.raised), float(time_due)], dtype=torch.float64
+        )
+        vec = torch.cat([flags, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
         self.comm.allreduce_(vec)
-        mean = {k: float(v) / self.comm.size for k, v in zip(names, vec[2:])}
+        self._time_checkpoint_due = self._time_checkpoint_due or vec[2].item() > 0
+        mean = {k: float(v) / self.comm.size for k, v in zip(names, vec[3:])}
         return vec[0].item() > 0, vec[1].item() > 0, mean
 
     def _step(self, data_iter: Any) -> tuple[dict[str, float], bool, bool, tuple[int, int]]:
@@ -293,11 +305,8 @@ class Trainer:
     def _checkpoint_due(self) -> bool:
         t = self.cfg.train
         by_iter = t.checkpoint_period > 0 and self.progress.iteration % t.checkpoint_period == 0
-        by_time = False
-        if t.checkpoint_minutes > 0:
-            local = time.monotonic() - self._last_ckpt_time >= t.checkpoint_minutes * 60
-            by_time = bool(self.comm.broadcast_object(local, root=0))  # rank 0's clock decides
-        return by_iter or by_time
+        due, self._time_checkpoint_due = by_iter or self._time_checkpoint_due, False
+        return due
 
     def _preempted(self) -> None:
         self.save_checkpoint(block=True)

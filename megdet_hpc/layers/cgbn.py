@@ -29,9 +29,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megdet_hpc.dist import Comm, Group, stats_comm
+
+# Inputs whose |mean| exceeds this many standard deviations are "ill-conditioned": float32 cannot
+# hold their mean precisely enough, so the statistics and the normalisation take the compensated
+# (float64 mean, split-mean subtraction) path.  Everything else uses torch's native kernels.
+ILL_CONDITIONED = 256.0
+ILL_FLAG = float(2**40)
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -42,11 +49,31 @@ def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+def _local_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-channel mean (float64) and biased variance (float64) of this rank's shard.
+
+    ``torch.batch_norm_update_stats`` is the native BN statistics kernel (one fused pass).  When the
+    data is ill-conditioned its float32 mean is re-taken with a float64 accumulator and the variance
+    corrected about it (``E[(x-a)^2] = var + (mean-a)^2``).
+    """
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean32, var32 = torch.batch_norm_update_stats(xf, None, None, 0.0)
+    mean, var = mean32.double(), var32.double()
+    ill = bool((mean.abs() > ILL_CONDITIONED * torch.sqrt(var + eps)).any())
+    if ill:
+        precise = xf.sum(_reduce_dims(x), dtype=torch.float64) / (x.numel() // x.shape[1])
+        var = (var - (precise - mean) ** 2).clamp_min_(0.0)
+        mean = precise
+    return mean, var, ill
+
+
 @torch.no_grad()
 def group_statistics(
-    x: torch.Tensor, shift: torch.Tensor, comm: Comm, group: Group | None, two_pass: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean and biased variance (float64, per channel) over every rank of ``group``, and the count."""
+    x: torch.Tensor, shift: torch.Tensor, comm: Comm, group: Group | None, two_pass: bool = False,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, float, bool]:  # fmt: skip
+    """Mean and biased variance (float64, per channel) over every rank of ``group``, the count, and
+    whether any rank's shard was ill-conditioned (agreed through the same collective)."""
     channels = x.shape[1]
     dims = _reduce_dims(x)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -63,23 +90,28 @@ def group_statistics(
         if n:
             second.copy_(((xf - _view(mean.to(xf.dtype), xf)) ** 2).sum(dims, dtype=torch.float64))
         comm.allreduce_(second, group)
-        return mean, second / max(total, 1.0), total
+        var = second / max(total, 1.0)
+        ill = bool((mean.abs() > ILL_CONDITIONED * torch.sqrt(var + eps)).any())
+        return mean, var, total, ill
 
     payload = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    ill_local = False
     if n:
-        # var_mean gives a stable local variance; the local mean is re-taken with a float64
-        # accumulator because a float32 mean of inputs offset by 1e4 is only good to ~5e-4.
-        var_local = torch.var_mean(xf, dim=dims, correction=0)[0]
-        delta = xf.sum(dims, dtype=torch.float64) / n - shift.double()
+        mean_local, var_local, ill_local = _local_moments(x, eps)
+        delta = mean_local - shift.double()
         payload[:channels] = n * delta
-        payload[channels : 2 * channels] = n * var_local.double() + n * delta * delta
-    payload[2 * channels] = n
+        payload[channels : 2 * channels] = n * var_local + n * delta * delta
+    # The count slot also carries the conditioning vote: 2^40 per ill-conditioned rank (float64 keeps
+    # integers exact to 2^53, so counts < 2^40 and up to 8192 voting ranks stay separable).
+    payload[2 * channels] = n + (ILL_FLAG if ill_local else 0.0)
     comm.allreduce_(payload, group)
-    total = float(payload[2 * channels])
+    raw = float(payload[2 * channels])
+    total = raw % ILL_FLAG
+    ill = raw >= ILL_FLAG
     norm = max(total, 1.0)
     dmean = payload[:channels] / norm
     var = (payload[channels : 2 * channels] / norm - dmean * dmean).clamp_min_(0.0)
-    return shift.double() + dmean, var, total
+    return shift.double() + dmean, var, total, ill
 
 
 def _split_mean(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,48 +130,66 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         var: torch.Tensor,
         total: float,
         eps: float,
+        ill: bool,
         comm: Comm,
         group: Group | None,
     ) -> torch.Tensor:
-        invstd = torch.rsqrt(var + eps).float()
         hi, lo = _split_mean(mean)
-        scale = invstd if weight is None else invstd * weight.float()
-        offset = -lo * scale if bias is None else bias.float() - lo * scale
-        xf = x if x.dtype == torch.float32 else x.float()
-        out = torch.addcmul(_view(offset, xf), xf - _view(hi, xf), _view(scale, xf))
-        ctx.save_for_backward(x, weight, hi, lo, invstd)
-        ctx.total, ctx.comm, ctx.group = total, comm, group
-        return out.to(x.dtype)
+        var32 = var.float()
+        invstd = torch.rsqrt(var32 + eps)
+        if ill:  # compensated: x - hi is exact near the mean, lo is folded into the offset
+            scale = invstd if weight is None else invstd * weight.float()
+            offset = -lo * scale if bias is None else bias.float() - lo * scale
+            xf = x if x.dtype == torch.float32 else x.float()
+            out = torch.addcmul(_view(offset, xf), xf - _view(hi, xf), _view(scale, xf)).to(x.dtype)
+        else:  # native single-pass normalisation with the group statistics
+            out = F.batch_norm(x, hi, var32, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, hi, lo, var32, invstd)
+        ctx.total, ctx.eps, ctx.ill, ctx.comm, ctx.group = total, eps, ill, comm, group
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, weight, hi, lo, invstd = ctx.saved_tensors
+        x, weight, hi, lo, var32, invstd = ctx.saved_tensors
         channels = x.shape[1]
         dims = _reduce_dims(x)
-        dy = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
-        xf = x if x.dtype == torch.float32 else x.float()
-        x_hat = (xf - _view(hi, xf) - _view(lo, xf)) * _view(invstd, xf)
-        payload = torch.empty(2 * channels, dtype=torch.float32, device=x.device)
+        payload = torch.zeros(2 * channels, dtype=torch.float32, device=x.device)
+        x_hat = None
         if x.numel():
-            payload[:channels] = dy.sum(dims)
-            payload[channels:] = (dy * x_hat).sum(dims)
-        else:
-            payload.zero_()
+            if ctx.ill:
+                xf = x if x.dtype == torch.float32 else x.float()
+                dy = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+                x_hat = (xf - _view(hi, xf) - _view(lo, xf)) * _view(invstd, xf)
+                payload[:channels] = dy.sum(dims)
+                payload[channels:] = (dy * x_hat).sum(dims)
+            else:  # native fused reduction: grad_bias = sum(dy), grad_weight = sum(dy * x_hat)
+                _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                    grad_out, x, None, hi, var32, None, None, False, ctx.eps, [False, True, True]
+                )
+                payload[:channels] = sum_dy
+                payload[channels:] = sum_dy_xhat
         local = payload.clone() if weight is not None else None
         ctx.comm.allreduce_(payload, ctx.group)
         grad_x = None
         if ctx.needs_input_grad[0]:
             norm = max(ctx.total, 1.0)
             scale = invstd if weight is None else invstd * weight.float()
-            grad_x = (
-                dy - _view(payload[:channels] / norm, dy) - x_hat * _view(payload[channels:] / norm, dy)
-            ) * _view(scale, dy)
-            grad_x = grad_x.to(x.dtype)
+            k1, k2 = payload[:channels] / norm, payload[channels:] / norm
+            if x_hat is not None:
+                dy = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+                grad_x = ((dy - _view(k1, dy) - x_hat * _view(k2, dy)) * _view(scale, dy)).to(x.dtype)
+            else:
+                # scale * (dy - k1 - x_hat * k2) = scale * dy + BN_eval(x; weight=-scale*k2, bias=-scale*k1)
+                affine = F.batch_norm(x, hi, var32, -scale * k2, -scale * k1, False, 0.0, ctx.eps)
+                if affine.dtype != torch.float32:
+                    affine = affine.float()
+                dy = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+                grad_x = torch.addcmul(affine, dy, _view(scale, dy)).to(x.dtype)
         grad_w = grad_b = None
         if weight is not None and local is not None:
             grad_w = local[channels:].to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_b = local[:channels].to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class CrossGPUBatchNorm2d(nn.BatchNorm2d):
@@ -211,13 +261,13 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             return super().forward(input)
 
         shift = self.running_mean if self.running_mean is not None else input.new_zeros(self.num_features)
-        mean, var, total = group_statistics(input, shift, comm, self._group, self.two_pass)
+        mean, var, total, ill = group_statistics(input, shift, comm, self._group, self.two_pass, self.eps)
         if total == 0:
             return input.clone()
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, var, total)
         return _CrossGPUBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, var, total, self.eps, comm, self._group
+            input, self.weight, self.bias, mean, var, total, self.eps, ill, comm, self._group
         )
 
     @torch.no_grad()

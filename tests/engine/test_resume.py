@@ -153,3 +153,32 @@ def test_killed_rank_ends_the_job_quickly(tiny_config, tmp_path: Path) -> None:
             if launcher == "hvd-gloo"
             else ("exited on signal 9" in text)
         ), text[-2000:]
+
+
+def test_no_resume_and_resume_from(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(solver={"max_iter": 2}, train={"checkpoint_period": 1, "eval_at_end": False})
+    out = tmp_path / "out"
+    run("single", 1, [*TRAIN, "--config", str(cfg)])
+    first = (out / "model_0000002.pth").read_bytes()
+    # --no-resume: a fresh run; the earlier one is archived, not deleted or overwritten.
+    proc = run("single", 1, [*TRAIN, "--config", str(cfg), "--no-resume"])
+    assert "moved the previous run" in proc.stdout
+    archived = list((out / "archive").glob("*/model_0000002.pth"))
+    assert len(archived) == 1 and archived[0].read_bytes() == first
+    # --resume-from an explicit file continues from it.
+    proc = run("single", 1, [*TRAIN, "--config", str(cfg), "--resume-from", str(archived[0]),
+                             "solver.max_iter=3"])  # fmt: skip
+    assert "resumed from" in proc.stdout and (out / "model_0000003.pth").exists()
+    # A garbage --resume-from is a one-line error and changes nothing.
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x04garbage")
+    before = sorted(p.name for p in out.iterdir())
+    bad = run("single", 1, [*TRAIN, "--config", str(cfg), "--resume-from", str(junk)], check=False)
+    assert bad.returncode == 2 and "junk.pth: cannot be loaded" in bad.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == before
+    # Corrupt newest checkpoint: warn and fall back to the previous valid one.
+    newest = out / "model_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[:100])
+    proc = run("single", 1, [*TRAIN, "--config", str(cfg), "solver.max_iter=3"])
+    assert "skipping checkpoint: model_0000003.pth" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "model_0000002.pth" in proc.stdout

@@ -125,3 +125,17 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_co
     assert b["iteration"] == 40 and a["sampler"] == b["sampler"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_submitit_local_executor(tiny_config, tmp_path: Path) -> None:
+    """--local: submitit's local executor starts 2 tasks; they rendezvous over torch gloo."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 2},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", "--local", "--gpus-per-node", "0", "--tasks-per-node", "2",
+         "--timeout", "10", "--folder", str(tmp_path / "sub"), "--config", str(cfg), "--wait"],
+        cwd=REPO, capture_output=True, text=True, env=job_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = torch.load(tmp_path / "out/model_0000002.pth", weights_only=True)
+    assert state["world_size"] == 2
