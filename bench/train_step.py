@@ -48,25 +48,36 @@ def worker(out: Path, iters: int, blocks: int) -> None:
     if comm.size == 1:
         trainer = make_trainer("cgbn", tmp / "a", 1)
         data = iter(trainer.loader)
+        # Same model, same data stream, same SGD hyper-parameters; the LR follows the same warmup.
         plain_opt = torch.optim.SGD(trainer.model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
         def plain() -> None:
             images, targets, _ = next(data)
+            for group in plain_opt.param_groups:
+                group["lr"] = trainer.schedule.lr(trainer.progress.images_seen)
             losses = trainer.model(images, targets)
             plain_opt.zero_grad()
             sum(losses.values()).backward()
             plain_opt.step()
 
         def ours() -> None:
-            trainer._step(data)
+            _, _, skipped, _ = trainer.train_step(data)
+            assert not skipped, "non-finite step: the timing would not be a training step"
+            trainer.progress.images_seen += trainer.batch.total
 
         contenders = {"plain torchvision loop": plain, "megdet_hpc step": ours}
     else:
         cg = make_trainer("cgbn", tmp / "cg", comm.size)
         bn = make_trainer("bn", tmp / "bn", comm.size)
         it_cg, it_bn = iter(cg.loader), iter(bn.loader)
-        contenders = {"megdet_hpc step, CGBN": lambda: cg._step(it_cg),
-                      "megdet_hpc step, local BN": lambda: bn._step(it_bn)}  # fmt: skip
+
+        def step(trainer, it) -> None:  # type: ignore[no-untyped-def]
+            _, _, skipped, _ = trainer.train_step(it)
+            assert not skipped, "non-finite step: the timing would not be a training step"
+            trainer.progress.images_seen += trainer.batch.total
+
+        contenders = {"megdet_hpc step, CGBN": lambda: step(cg, it_cg),
+                      "megdet_hpc step, local BN": lambda: step(bn, it_bn)}  # fmt: skip
     for fn in contenders.values():  # warm-up
         for _ in range(3):
             fn()

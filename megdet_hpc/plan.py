@@ -47,11 +47,15 @@ def _launch(launcher: str, n: int, argv: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def calibrate(config: str, opts: list[str]) -> tuple[Machine, dict]:
-    coll = _launch("mpirun", 2, ["--collectives"])
-    one = _launch("single", 1, ["--step", "--config", config, *opts])
-    two = _launch("hvd-mpi", 2, ["--step", "--config", config, *opts,
-                                 f"solver.total_batch={2 * one['images_per_gpu']}"])  # fmt: skip
+def calibrate(config: str, opts: list[str], images_per_gpu: int, grad_bytes: int) -> tuple[Machine, dict]:
+    """Measure: collectives (horovodrun --mpi, 2 ranks), the 1-process step, and the real 2-process step
+    (horovodrun --mpi, CGBN over both ranks) that validates the prediction."""
+    # The transport the validation run uses, with a message as large as the model's gradients.
+    coll = _launch("hvd-mpi", 2, ["--collectives", "--bytes", str(grad_bytes)])
+    one = _launch("single", 1, ["--step", "--config", config, *opts, f"solver.total_batch={images_per_gpu}",
+                                f"data.images_per_gpu={images_per_gpu}"])  # fmt: skip
+    two = _launch("hvd-mpi", 2, ["--step", "--config", config, *opts, f"solver.total_batch={2 * images_per_gpu}",
+                                 f"data.images_per_gpu={images_per_gpu}"])  # fmt: skip
     link = Link(coll["alpha_s"], coll["bandwidth_Bps"])
     machine = Machine("this machine (calibrated)", one["s_per_iter"] / one["images_per_gpu"],
                       gpus_per_node=os.cpu_count() or 2, intra=link, inter=link, overlap=0.0)  # fmt: skip
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     work = workload(cfg)
     extra: dict = {}
     if a.calibrate:
-        machine, extra = calibrate(a.config, a.opts)
+        machine, extra = calibrate(
+            a.config, a.opts, cfg.data.images_per_gpu, work.params * work.grad_bytes_per_param
+        )
     else:
         machine = PRESETS[a.preset]
     if a.compute_s_per_image:

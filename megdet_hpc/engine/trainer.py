@@ -95,14 +95,14 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.schedule = LRSchedule.from_config(cfg)
 
-        self.dataset = build_train_dataset(cfg)
-        micro_cfg = cfg
-        micro_cfg.data.images_per_gpu = self.batch.images_per_gpu
-        micro_cfg.solver.grad_accum = self.batch.grad_accum
-        micro_cfg.solver.total_batch = self.batch.total
-        self.loader, self.sampler = build_train_loader(
-            micro_cfg, self.dataset, self.comm.rank, self.comm.size
+        # The batch layout actually used is part of the resolved config (and of every checkpoint).
+        d.images_per_gpu, s.grad_accum, s.total_batch = (
+            self.batch.images_per_gpu,
+            self.batch.grad_accum,
+            self.batch.total,
         )
+        self.dataset = build_train_dataset(cfg)
+        self.loader, self.sampler = build_train_loader(cfg, self.dataset, self.comm.rank, self.comm.size)
         self.progress = Progress()
         self.metrics = MetricsWriter(self.output_dir, self.comm.is_main, cfg.train.tensorboard)
         if ckpt:
@@ -155,6 +155,16 @@ class Trainer:
                 "world_size": self.comm.size, "time": time.time()}  # fmt: skip
         self.checkpointer.save(self.progress.iteration, state, meta, block=block)
         self._last_ckpt_time = time.monotonic()
+
+    def train_step(self, data_iter: Any) -> tuple[float, dict[str, float], bool, bool]:
+        """Set the LR for the images seen, run one optimizer step, record the sampler position.
+        Returns (lr, mean losses, whether the step was skipped as non-finite, whether to stop)."""
+        lr = self.schedule.lr(self.progress.images_seen, self.batch.total)
+        for group in self.sync.optimizer.param_groups:
+            group["lr"] = lr
+        losses, nonfinite, stop, position = self._step(data_iter)
+        self.progress.sampler = self.sampler.state_after(*position)
+        return lr, losses, nonfinite, stop
 
     # -- one step ---------------------------------------------------------------------------------------
     def _vote(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool, dict[str, float]]:
@@ -212,15 +222,16 @@ class Trainer:
         if nonfinite:
             self._skip_step(saved_buffers)
             return totals, True, stop, position
-        # Averaged gradients are identical on every rank, so this check needs no collective.
-        self.sync.synchronize()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.sync.optimizer)
         clip = self.cfg.solver.clip_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if not torch.isfinite(norm) and self.scaler is None:
-            self._skip_step(saved_buffers)
-            return totals, True, stop, position
+        if clip > 0:
+            # Averaged gradients are identical on every rank: the norm check needs no collective.
+            self.sync.synchronize()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.sync.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            if not torch.isfinite(norm) and self.scaler is None:
+                self._skip_step(saved_buffers)
+                return totals, True, stop, position
         self.sync.step(self.scaler)
         return totals, False, stop, position
 
@@ -243,11 +254,7 @@ class Trainer:
         exit_code = EXIT_OK
         try:
             while p.iteration < max_iter:
-                lr = self.schedule.lr(p.images_seen, self.batch.total)
-                for group in self.sync.optimizer.param_groups:
-                    group["lr"] = lr
-                losses, nonfinite, stop, position = self._step(data_iter)
-                p.sampler = self.sampler.state_after(*position)
+                lr, losses, nonfinite, stop = self.train_step(data_iter)
                 if nonfinite:
                     p.nonfinite_streak += 1
                     msg = (f"non-finite loss or gradient at iteration {p.iteration} on at least one rank "

@@ -1,7 +1,8 @@
 """Measure this machine's collective latency/bandwidth and training-step time with real processes.
 
-``python -m megdet_hpc.perf.calibrate --collectives OUT`` (under mpirun/horovodrun) times allreduces of
-8 B to 4 KiB (latency) and 16 MiB (bandwidth) through the chosen comm backend.
+``python -m megdet_hpc.perf.calibrate --collectives OUT [--bytes B]`` (under mpirun/horovodrun) times a
+512 B allreduce (latency) and one of B bytes -- the model's gradient size (bandwidth) -- through the
+chosen comm backend.
 ``--step OUT --config C`` times ``Trainer._step`` of a config (any world size).
 """
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def collectives(out: Path, repeats: int = 200) -> None:
+def collectives(out: Path, big_bytes: int = 16 * 2**20, repeats: int = 200) -> None:
     import torch
 
     from megdet_hpc import dist
@@ -30,7 +31,7 @@ def collectives(out: Path, repeats: int = 200) -> None:
         comm.allreduce_(small)
         if i >= 20:
             lat.append(time.perf_counter() - t0)
-    big = torch.zeros(4 * 2**20)  # 16 MiB
+    big = torch.zeros(max(1, big_bytes // 4))  # as large as the model's gradients
     bw = []
     for i in range(12):
         comm.barrier()
@@ -59,14 +60,14 @@ def step(out: Path, config: str, overrides: list[str], iters: int = 12) -> None:
                                "data.num_workers=0", "train.tensorboard=false", "train.threads=1"])  # fmt: skip
     trainer = Trainer(cfg, resume=False)
     data = iter(trainer.loader)
-    for _ in range(3):
-        trainer._step(data)
     times = []
-    for _ in range(iters):
+    for i in range(iters + 3):
         comm.barrier()
         t0 = time.perf_counter()
-        trainer._step(data)
-        times.append(time.perf_counter() - t0)
+        trainer.train_step(data)
+        trainer.progress.images_seen += trainer.batch.total
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
     if comm.rank == 0:
         out.write_text(json.dumps({"size": comm.size, "s_per_iter": statistics.median(times),
                                    "images_per_gpu": trainer.batch.images_per_gpu}))  # fmt: skip
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collectives", type=Path)
     p.add_argument("--step", type=Path)
     p.add_argument("--config")
+    p.add_argument("--bytes", type=int, default=16 * 2**20, help="size of the bandwidth allreduce")
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
     if a.collectives:
-        collectives(a.collectives)
+        collectives(a.collectives, a.bytes)
     if a.step:
         step(a.step, a.config, a.opts)
     return 0

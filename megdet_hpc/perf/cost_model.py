@@ -2,7 +2,7 @@
 
 Per iteration = compute (images per GPU x seconds per image) + CGBN (2 collectives per BN layer,
 forward and backward, each latency-bound and sequential: the layers depend on each other) + the part of
-the gradient allreduce that backward does not hide.  Allreduces follow the ring model
+the gradient allreduce that backward does not hide + the trainer's one small per-step vote.  Allreduces follow the ring model
 ``2(N-1) * alpha + 2(N-1)/N * bytes / bandwidth``; beyond one node it is hierarchical (ring inside a
 node on the intra-node link, then a ring across nodes on the inter-node link carrying 1/g of the
 bytes).  Gradients travel in Horovod fusion buffers (``fusion_bytes`` each, one latency term per buffer)
@@ -110,7 +110,8 @@ def predict(m: Machine, w: Workload, gpus: int) -> Prediction:
                    for i in range(buffers))  # fmt: skip
     hidden = m.overlap * m.backward_fraction * w.images_per_gpu * m.compute_s_per_image
     exposed = max(0.0, grad - hidden)
-    iter_s = compute + cgbn + exposed
+    vote = m.allreduce_s(gpus, 64) + m.cycle_s if gpus > 1 else 0.0  # the trainer's per-step vote
+    iter_s = compute + cgbn + exposed + vote
     batch = gpus * w.images_per_gpu
     ideal = compute
     return Prediction(
