@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   python3 -m venv "$VENV"
 fi
-PY="$VENV/bin/python"
+PY="$(cd "$VENV" && pwd)/bin/python"
 stamp="$VENV/.megdet_deps"
 if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
   echo "[setup] pip install torch + requirements (torch comes from local files)"
@@ -31,7 +31,9 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
   touch "$stamp"
 fi
 PYTHON="$PY" scripts/build_horovod.sh
-if ! "$PY" -c "import megdet_hpc" 2>/dev/null; then
+# Import from outside the checkout: from here the source tree itself would be found on sys.path.
+here=$(pwd)
+if [ "$(cd / && "$PY" -c 'import megdet_hpc, os; print(os.path.dirname(os.path.dirname(megdet_hpc.__file__)))' 2>/dev/null)" != "$here" ]; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 echo "[setup] ready: $("$PY" -c 'import torch, torchvision, horovod; print("torch", torch.__version__, "torchvision", torchvision.__version__, "horovod", horovod.__version__)')"

@@ -182,3 +182,13 @@ def test_no_resume_and_resume_from(tiny_config, tmp_path: Path) -> None:
     proc = run("single", 1, [*TRAIN, "--config", str(cfg), "solver.max_iter=3"])
     assert "skipping checkpoint: model_0000003.pth" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "model_0000002.pth" in proc.stdout
+
+
+def test_time_based_checkpoints(tiny_config, tmp_path: Path) -> None:
+    """train.checkpoint_minutes: rank 0's clock raises a flag in the per-step vote (no extra collective)."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 5},
+                      train={"checkpoint_period": 0, "checkpoint_minutes": 1e-6, "keep_checkpoints": 10,
+                             "eval_at_end": False})  # fmt: skip
+    run("mpirun", 2, [*TRAIN, "--config", str(cfg)])
+    names = sorted(p.name for p in (tmp_path / "out").glob("model_*.pth"))
+    assert names == [f"model_{i:07d}.pth" for i in range(1, 6)]
