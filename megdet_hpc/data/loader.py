@@ -28,8 +28,9 @@ class _KeyedDataset(torch.utils.data.Dataset):
 
 
 def _ignore_preemption_signals(_worker_id: int) -> None:
-    """Slurm signals every process of a step, DataLoader workers included; a worker killed by USR1
-    would crash the trainer before it can checkpoint.  Workers ignore them; the trainer handles them."""
+    """Slurm signals every process of a step, DataLoader workers included; a worker killed by USR1 or
+    TERM would crash the trainer before it can checkpoint.  Workers ignore them (the trainer handles
+    them) and are shut down explicitly by the trainer (``shutdown_loader``)."""
     import signal
 
     for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
@@ -71,7 +72,14 @@ def build_train_loader(
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
         worker_init_fn=_ignore_preemption_signals,
-        persistent_workers=cfg.data.num_workers > 0,
         prefetch_factor=2 if cfg.data.num_workers > 0 else None,
     )
     return loader, sampler
+
+
+def shutdown_loader(iterator: object) -> None:
+    """Stop an iterator's worker processes now (they ignore SIGTERM, so exit-time termination would
+    wait for them forever)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()

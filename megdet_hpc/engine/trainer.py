@@ -25,7 +25,7 @@ from megdet_hpc import dist
 from megdet_hpc.checkpoint import Checkpointer, CheckpointError
 from megdet_hpc.checkpoint import rng as rng_state
 from megdet_hpc.config import Config, to_dict
-from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset
+from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset, shutdown_loader
 from megdet_hpc.dist.grad_sync import make_gradient_sync
 from megdet_hpc.engine.batch import plan_batch
 from megdet_hpc.engine.metrics import MetricsWriter
@@ -304,6 +304,7 @@ class Trainer:
             log.error("%s", exc)
             exit_code = EXIT_NONFINITE
         finally:
+            shutdown_loader(data_iter)
             self.checkpointer.wait()
             self.stop.uninstall()
             self.metrics.close()

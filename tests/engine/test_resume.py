@@ -36,7 +36,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def test_interrupted_runs_end_bitwise_identical(tiny_config, tmp_path: Path) -> None:
     """2 ranks under horovodrun; stopped during warmup (it 2) and after it (it 6), resumed each time."""
-    cfg = tiny_config(data={"images_per_gpu": 1}, **FIXED)
+    cfg = tiny_config(data={"images_per_gpu": 1, "num_workers": 1}, **FIXED)  # workers must not hang exit
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={ref}"])
     for stop in (2, 6, 8):
@@ -80,14 +80,20 @@ def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen
 
 
 def test_sigusr1_checkpoints_exits_and_resumes_identically(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+    cfg = tiny_config(data={"images_per_gpu": 1, "num_workers": 1},
+                      solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
                       train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     proc = _start("hvd-gloo", cfg, cut)
     _wait_for_iteration(cut, 3, proc)
     workers = _workers(proc)
     assert len(workers) == 2
-    workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the per-step vote stops both
+    # One rank only (the per-step vote stops both), and its DataLoader worker too, as Slurm signals
+    # every process of a step: the worker must survive it.
+    loader_workers = workers[-1].children()
+    assert loader_workers
+    for p in [workers[-1], *loader_workers]:
+        p.send_signal(signal.SIGUSR1)
     proc.wait(timeout=120)
     out, err = proc.communicate()
     assert proc.returncode != 0  # horovodrun reports the workers' exit code 3 as a failure
