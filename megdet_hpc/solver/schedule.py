@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megdet_hpc.config import Config, ConfigError, load_config
+from megdet_hpc.config import Config, load_config
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="lr_schedule.png", type=Path)
     p.add_argument("opts", nargs="*", help="overrides section.key=value")
     a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config, a.opts)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sched = LRSchedule.from_config(cfg)
-    print(f"peak lr {sched.lr(sched.warmup_images):.5g}; wrote {plot_schedule(sched, a.out)}")
-    return 0
+
+    def _run() -> int:
+        sched = LRSchedule.from_config(load_config(a.config, a.opts))
+        print(f"peak lr {sched.lr(sched.warmup_images):.5g}; wrote {plot_schedule(sched, a.out)}")
+        return 0
+
+    from megdet_hpc.cli import run_cli
+
+    return run_cli(_run, "megdet_hpc.solver.schedule")
 
 
 if __name__ == "__main__":
