@@ -23,7 +23,7 @@ from common import REPO, launch, savefig, summary, table, write_result  # isort:
 HERE = Path(__file__).resolve()
 
 
-def make_trainer(norm: str, out: Path, world: int):  # type: ignore[no-untyped-def]
+def make_trainer(norm: str, out: Path, world: int, *extra: str):  # type: ignore[no-untyped-def]
     from megdet_hpc.config import load_config
     from megdet_hpc.data.synthetic import generate
     from megdet_hpc.engine import Trainer
@@ -33,6 +33,7 @@ def make_trainer(norm: str, out: Path, world: int):  # type: ignore[no-untyped-d
         f"model.norm={norm}", f"train.output_dir={out}", "data.num_workers=0", "train.threads=1",
         f"solver.total_batch={2 * world}", "train.checkpoint_period=0", "train.tensorboard=false",
         f"data.train_images={data}/train", f"data.train_annotations={data}/annotations/instances_train.json",
+        *extra,
     ])  # fmt: skip
     return Trainer(cfg, resume=False)
 
@@ -69,7 +70,8 @@ def worker(out: Path, iters: int, blocks: int) -> None:
     else:
         cg = make_trainer("cgbn", tmp / "cg", comm.size)
         bn = make_trainer("bn", tmp / "bn", comm.size)
-        it_cg, it_bn = iter(cg.loader), iter(bn.loader)
+        fp16 = make_trainer("cgbn", tmp / "fp16", comm.size, "solver.fp16_compression=true")
+        it_cg, it_bn, it_fp16 = iter(cg.loader), iter(bn.loader), iter(fp16.loader)
 
         def step(trainer, it) -> None:  # type: ignore[no-untyped-def]
             _, _, skipped, _ = trainer.train_step(it)
@@ -77,7 +79,8 @@ def worker(out: Path, iters: int, blocks: int) -> None:
             trainer.progress.images_seen += trainer.batch.total
 
         contenders = {"megdet_hpc step, CGBN": lambda: step(cg, it_cg),
-                      "megdet_hpc step, local BN": lambda: step(bn, it_bn)}  # fmt: skip
+                      "megdet_hpc step, local BN": lambda: step(bn, it_bn),
+                      "megdet_hpc step, CGBN + fp16 gradients": lambda: step(fp16, it_fp16)}  # fmt: skip
     for fn in contenders.values():  # warm-up
         for _ in range(3):
             fn()
@@ -121,13 +124,18 @@ def main() -> int:
     ratio_plain = one["plain torchvision loop"]["median"] / one["megdet_hpc step"]["median"]
     overhead = two["megdet_hpc step, CGBN"]["median"] / two["megdet_hpc step, local BN"]["median"] - 1
     weak = (4 / two["megdet_hpc step, CGBN"]["median"]) / (2 * 2 / one["megdet_hpc step"]["median"])
+    weak_fp16 = (4 / two["megdet_hpc step, CGBN + fp16 gradients"]["median"]) / (
+        2 * 2 / one["megdet_hpc step"]["median"]
+    )
     print(table(rows, [("N", "N"), ("contender", "contender"), ("s_per_iter", "s/iter (median)"),
                        ("spread", "p25-p75"), ("images_per_s", "images/s")]))  # fmt: skip
     print(f"\nour step vs plain loop (throughput ratio, N=1): {ratio_plain:.3f}  (target >= 1.0)")
     print(f"CGBN overhead vs local BN at N=2: {100 * overhead:+.1f}%  (target <= 5%)")
     print(f"weak scaling efficiency 1 -> 2 ranks (CGBN): {weak:.3f}  (target >= 0.85)")
+    print(f"weak scaling efficiency with Horovod fp16 gradient compression: {weak_fp16:.3f}")
     path = write_result("train_step", {"rows": rows, "ours_vs_plain": ratio_plain, "cgbn_overhead": overhead,
-                                       "weak_scaling_efficiency": weak, "runs": runs})  # fmt: skip
+                                       "weak_scaling_efficiency": weak, "weak_scaling_efficiency_fp16": weak_fp16,
+                                       "runs": runs})  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
