@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import launch, savefig, summary, table, write_result  # isort: skip
+from common import new_figure, launch, savefig, summary, table, write_result  # isort: skip
 
 HERE = Path(__file__).resolve()
 
@@ -146,12 +146,7 @@ def main() -> int:
           f"(median of {a.repeats}; one thread per rank)\n")  # fmt: skip
     print(table(rows, cols))
     path = write_result("cgbn", {"size": a.size, "repeats": a.repeats, "rows": rows})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = new_figure((9, 4.5))
     labels = [f"{r['contender']} (N={r['N']})" for r in rows]
     ax.barh(labels, [r["latency_us"] for r in rows])
     ax.set_xscale("log")

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import savefig, summary, table, write_result  # isort: skip
+from common import new_figure, savefig, summary, table, write_result  # isort: skip
 
 
 def main() -> int:
@@ -69,12 +69,7 @@ def main() -> int:
     print(table(rows, [("mode", "mode"), ("state_MiB", "MiB"), ("stall_s", "stall s"), ("write_s", "write s"),
                        ("stall_pct_of_step", "stall % of one step")]))  # fmt: skip
     path = write_result("checkpoint", {"rows": rows, "step_period_s": step_period, "raw": results})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = new_figure((6, 3))
     ax.bar([r["mode"] for r in rows], [r["stall_s"] for r in rows])
     ax.axhline(0.05 * step_period, color="C3", ls="--", label="5% of a step")
     ax.set_ylabel("training-thread stall per save (s)")

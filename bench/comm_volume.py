@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, launch, savefig, table, write_result  # isort: skip
+from common import new_figure, REPO, launch, savefig, table, write_result  # isort: skip
 
 HERE = Path(__file__).resolve()
 
@@ -115,12 +115,7 @@ def main() -> int:
                        ("grad_MiB", "grad MiB"), ("total_MiB_ours", "total MiB"),
                        ("total_MiB_allgather", "total MiB (all-gather)")]))  # fmt: skip
     path = write_result("comm_volume", {"counted": check, "extrapolated": rows})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure((7, 4))
     ns = [r["N"] for r in rows[1:]]
     ax.plot(ns, [r["cgbn_KiB"] for r in rows[1:]], "o-", label="CGBN (allreduce 2C+1 / 2C)")
     ax.plot(ns, [r["allgather_syncbn_KiB"] for r in rows[1:]], "s-", label="all-gather SyncBN (torch design)")

@@ -63,6 +63,16 @@ def launch(launcher: str, nproc: int, argv: list[str], env: dict[str, str] | Non
     return proc
 
 
+def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A headless matplotlib figure and axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
 def savefig(fig: Any, name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"

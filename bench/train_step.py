@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, launch, savefig, summary, table, write_result  # isort: skip
+from common import new_figure, REPO, launch, savefig, summary, table, write_result  # isort: skip
 
 HERE = Path(__file__).resolve()
 
@@ -136,12 +136,7 @@ def main() -> int:
     path = write_result("train_step", {"rows": rows, "ours_vs_plain": ratio_plain, "cgbn_overhead": overhead,
                                        "weak_scaling_efficiency": weak, "weak_scaling_efficiency_fp16": weak_fp16,
                                        "runs": runs})  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = new_figure((8, 3.5))
     ax.barh([f"N={r['N']}: {r['contender']}" for r in rows], [r["images_per_s"] for r in rows])
     ax.set_xlabel("images/s (demo model, CPU, 1 thread per rank)")
     ax.invert_yaxis()
