@@ -139,3 +139,36 @@ def test_submitit_local_executor(tiny_config, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = torch.load(tmp_path / "out/model_0000002.pth", weights_only=True)
     assert state["world_size"] == 2
+
+
+def test_submitit_job_checkpoints_requeues_and_resumes(
+    slurm_cluster: Path, tiny_config, tmp_path: Path
+) -> None:
+    """USR2 (submitit's preemption signal) to a running submitit job: checkpoint, requeue, resume, done."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node",
+         "2", "--cpus-per-task", "1", "--timeout", "30", "--partition", "low", "--folder", str(tmp_path / "sub"),
+         "--config", str(cfg), "--wait"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while _iteration(out) < 3:
+            assert time.time() < deadline and proc.poll() is None, "job never reached iteration 3"
+            time.sleep(0.2)
+        job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "megdet"], capture_output=True, text=True,
+                                check=True).stdout.split()[0]  # fmt: skip
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert "2 task(s) succeeded" in stdout
+    logs = "\n".join(p.read_text() for p in (tmp_path / "sub").rglob("*_log.out"))
+    assert "stopped by SIGUSR2" in logs and "requeued Slurm job" in logs and "resumed from" in logs
+    state = torch.load(out / "model_0000040.pth", weights_only=True)
+    assert state["iteration"] == 40 and state["world_size"] == 2
