@@ -27,7 +27,6 @@ class MPIComm(Comm):
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD.Dup()
-        self._freed = False
 
     @property
     def rank(self) -> int:
@@ -77,4 +76,4 @@ class MPIComm(Comm):
         # The duplicated communicator is deliberately not freed: MPI_Comm_free while Horovod's MPI
         # background thread is alive segfaults in OpenMPI 4.1 (attribute cleanup); MPI_Finalize
         # releases it anyway.
-        self._freed = True
+        return None

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from megdet_hpc import dist
-from megdet_hpc.checkpoint import Checkpointer, CheckpointError
+from megdet_hpc.checkpoint import Checkpointer
 from megdet_hpc.checkpoint import rng as rng_state
 from megdet_hpc.config import Config, to_dict
 from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset, shutdown_loader
@@ -351,6 +351,3 @@ def requeue_slurm_job() -> bool:
         return False
     log.warning("requeued Slurm job %s", job)
     return True
-
-
-__all__ = ["CheckpointError", "Trainer", "requeue_slurm_job"]
