@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-from megdet_hpc.launch.local import COMM_OF, local_command  # noqa: E402
+from megdet_hpc.launch.local import local_command, local_env  # noqa: E402
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -51,11 +51,7 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
 
 def launch(launcher: str, nproc: int, argv: list[str], env: dict[str, str] | None = None,
            timeout: float = 900) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    full = dict(os.environ)
-    full.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MEGDET_COMM=COMM_OF[launcher],
-                PATH=f"{Path(sys.executable).parent}{os.pathsep}{full.get('PATH', '')}")  # fmt: skip
-    full.update(env or {})
+    full = local_env(launcher, env, pythonpath=str(REPO))
     proc = subprocess.run(local_command(launcher, nproc, argv), env=full, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
     if proc.returncode != 0:

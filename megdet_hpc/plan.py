@@ -34,12 +34,11 @@ def workload(cfg) -> Workload:  # type: ignore[no-untyped-def]
 
 
 def _launch(launcher: str, n: int, argv: list[str]) -> dict:
-    from megdet_hpc.launch.local import COMM_OF, local_command
+    from megdet_hpc.launch.local import local_command, local_env
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-               "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "MEGDET_COMM": COMM_OF[launcher]}  # fmt: skip
+        env = local_env(launcher)
         cmd = local_command(launcher, n, ["-m", "megdet_hpc.perf.calibrate", *argv[:1], str(out), *argv[1:]])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
         if proc.returncode != 0:

@@ -7,12 +7,10 @@ Every multi-process test goes through here so the command lines are the ones use
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from megdet_hpc.launch.local import COMM_OF, local_command
+from megdet_hpc.launch.local import COMM_OF, local_command, local_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,18 +31,10 @@ def run(
     timeout: float = 300,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = dict(os.environ)
-    full_env.update(
-        PYTHONPATH=f"{REPO}{os.pathsep}{full_env.get('PYTHONPATH', '')}",
-        OMP_NUM_THREADS="1",
-        MEGDET_COMM=comm_for(launcher),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
-    )
-    full_env.update(env or {})
     proc = subprocess.run(
         command(launcher, nproc, argv),
         cwd=REPO,
-        env=full_env,
+        env=local_env(launcher, env, pythonpath=str(REPO)),
         capture_output=True,
         text=True,
         timeout=timeout,

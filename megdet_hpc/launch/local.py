@@ -7,7 +7,9 @@ lines are the ones a user types (``horovodrun -np N -H localhost:N --gloo|--mpi`
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 LAUNCHERS = ("single", "hvd-gloo", "hvd-mpi", "mpirun", "torchrun")
 COMM_OF = {
@@ -42,3 +44,22 @@ def local_command(launcher: str, nproc: int, argv: list[str], python: str | None
             *argv,
         ]
     raise ValueError(f"unknown launcher {launcher!r}; one of {', '.join(LAUNCHERS)}")
+
+
+def local_env(
+    launcher: str, extra: dict[str, str] | None = None, pythonpath: str | None = None
+) -> dict[str, str]:
+    """The environment for ``local_command``: one thread per rank, OpenMPI allowed as root, the comm
+    backend that matches the launcher, and this Python's bin dir (horovodrun, torchrun) first on PATH."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        MEGDET_COMM=COMM_OF[launcher],
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    if pythonpath:
+        env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.update(extra or {})
+    return env

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 from launchers import REPO, command, run
+
+from megdet_hpc.launch.local import local_env
 
 TRAIN = ["-m", "megdet_hpc.train"]
 FIXED = {"solver": {"warmup_iters": 5, "max_iter": 8, "steps": [6]},
@@ -71,9 +71,7 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "MEGDET_COMM": {"hvd-gloo": "horovod", "mpirun": "mpi"}[launcher],
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env = local_env(launcher, pythonpath=str(REPO))
     argv = [*TRAIN, "--config", str(cfg), f"train.output_dir={out}", *extra]
     return subprocess.Popen(command(launcher, 2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
