@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
 from megdet_hpc.data.coco import CocoDetection
 from megdet_hpc.dist import Comm
+from megdet_hpc.utils_logging import progress_bar
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -32,7 +32,7 @@ def inference(model: torch.nn.Module, dataset: CocoDetection, comm: Comm, device
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
-    bar = tqdm(total=count, desc="eval", disable=not comm.is_main, leave=False, unit="img")
+    bar = progress_bar(count, "eval", comm.is_main, leave=False, unit="img")
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         images, ids = [], []

@@ -53,7 +53,7 @@ def test_sbatch_cpu_script_trains_and_checkpoints(slurm_cluster: Path, tiny_conf
     cfg = tiny_config(train={"checkpoint_period": 1, "eval_at_end": False}, solver={"max_iter": 3})
     proc = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
                           env=job_env(MEGDET_CONFIG=str(cfg)), timeout=300)  # fmt: skip
-    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+    logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.out"))
     assert proc.returncode == 0, proc.stderr + logs[-3000:]
     assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     state = torch.load(out / "model_0000003.pth", weights_only=True)
@@ -117,7 +117,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_co
     subprocess.run(["sbatch", "-p", "high", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 2"], check=True,
                    capture_output=True)  # fmt: skip
     wait_gone(job_id, timeout=400)
-    log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob(f"*-{job_id}.out"))
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob(f"*-{job_id}.out"))
     assert "restart 1" in log, log[-3000:]
     assert "stopped by" in log
     a = torch.load(ref / "model_0000040.pth", weights_only=True)
@@ -168,7 +168,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
             proc.kill()
     assert proc.returncode == 0, stdout + stderr
     assert "2 task(s) succeeded" in stdout
-    logs = "\n".join(p.read_text() for p in (tmp_path / "sub").rglob("*_log.out"))
+    logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "sub").rglob("*_log.out"))
     assert "stopped by SIGUSR2" in logs and "requeued Slurm job" in logs and "resumed from" in logs
     state = torch.load(out / "model_0000040.pth", weights_only=True)
     assert state["iteration"] == 40 and state["world_size"] == 2
