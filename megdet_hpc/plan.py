@@ -46,19 +46,21 @@ def _launch(launcher: str, n: int, argv: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def calibrate(config: str, opts: list[str], images_per_gpu: int, grad_bytes: int) -> tuple[Machine, dict]:
-    """Measure: collectives (horovodrun --mpi, 2 ranks), the 1-process step, and the real 2-process step
-    (horovodrun --mpi, CGBN over both ranks) that validates the prediction."""
-    # The transport the validation run uses, with a message as large as the model's gradients.
-    coll = _launch("hvd-mpi", 2, ["--collectives", "--bytes", str(grad_bytes)])
+def calibrate(
+    config: str, opts: list[str], images_per_gpu: int, launcher: str = "mpirun"
+) -> tuple[Machine, dict]:
+    """Measure with real processes under ``launcher``: collectives (2 ranks: latency and the gradient
+    allreduce), the 1-process step, and the real 2-process step (CGBN over both ranks) that validates
+    the prediction."""
+    coll = _launch(launcher, 2, ["--collectives", "--config", config, *opts])
     one = _launch("single", 1, ["--step", "--config", config, *opts, f"solver.total_batch={images_per_gpu}",
                                 f"data.images_per_gpu={images_per_gpu}"])  # fmt: skip
-    two = _launch("hvd-mpi", 2, ["--step", "--config", config, *opts, f"solver.total_batch={2 * images_per_gpu}",
-                                 f"data.images_per_gpu={images_per_gpu}"])  # fmt: skip
+    two = _launch(launcher, 2, ["--step", "--config", config, *opts, f"solver.total_batch={2 * images_per_gpu}",
+                                f"data.images_per_gpu={images_per_gpu}"])  # fmt: skip
     link = Link(coll["alpha_s"], coll["bandwidth_Bps"])
-    machine = Machine("this machine (calibrated)", one["s_per_iter"] / one["images_per_gpu"],
+    machine = Machine(f"this machine (calibrated, {launcher})", one["s_per_iter"] / one["images_per_gpu"],
                       gpus_per_node=os.cpu_count() or 2, intra=link, inter=link, overlap=0.0)  # fmt: skip
-    return machine, {"collectives": coll, "step_1": one, "step_2": two}
+    return machine, {"launcher": launcher, "collectives": coll, "step_1": one, "step_2": two}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="h100-ib100")
     p.add_argument("--compute-s-per-image", type=float, help="override the preset's compute time")
     p.add_argument("--calibrate", action="store_true", help="measure this machine (real processes)")
+    p.add_argument(
+        "--launcher",
+        choices=["mpirun", "hvd-mpi", "hvd-gloo", "torchrun"],
+        default="mpirun",
+        help="launcher (and so comm backend) of the calibration runs",
+    )
     p.add_argument("--images-per-gpu", type=int)
     p.add_argument("--out", type=Path, default=Path("plan"))
     p.add_argument("opts", nargs="*")
@@ -85,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     work = workload(cfg)
     extra: dict = {}
     if a.calibrate:
-        machine, extra = calibrate(
-            a.config, a.opts, cfg.data.images_per_gpu, work.params * work.grad_bytes_per_param
-        )
+        machine, extra = calibrate(a.config, a.opts, cfg.data.images_per_gpu, a.launcher)
     else:
         machine = PRESETS[a.preset]
     if a.compute_s_per_image:

@@ -18,6 +18,7 @@ from megdet_hpc.config.schema import Config
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("cgbn", "bn", "frozen")
 CGBN_PLACES = ("backbone", "fpn", "box_head")
+GRAD_SYNCS = ("auto", "overlap", "after_backward")
 
 
 class ConfigError(ValueError):
@@ -176,6 +177,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.bn_group_size must be >= 0, got {m.bn_group_size}")
     if not 0 <= d.flip_prob <= 1:
         raise ConfigError(f"data.flip_prob must be in [0, 1], got {d.flip_prob}")
+    if s.grad_sync not in GRAD_SYNCS:
+        raise ConfigError(f"solver.grad_sync={s.grad_sync!r} is not one of {', '.join(GRAD_SYNCS)}")
+    if s.fp16_compression and s.grad_sync == "after_backward":
+        raise ConfigError(
+            "solver.fp16_compression needs solver.grad_sync=overlap or auto (Horovod's optimizer)"
+        )
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={t.device!r} is not one of auto, cpu, cuda")
     if world_size is not None:

@@ -68,7 +68,11 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0 disables
     amp: bool = False  # CUDA only
-    fp16_compression: bool = False  # Horovod gradient compression
+    fp16_compression: bool = False  # Horovod gradient compression (overlapped path only)
+    # How gradients are averaged: "overlap" = during backward (hvd.DistributedOptimizer / DDP hooks),
+    # "after_backward" = one coalesced allreduce after the last backward (the only path of the mpi
+    # backend), "auto" = the backend's fastest (overlap for horovod/torch, after_backward for mpi).
+    grad_sync: str = "auto"
     max_nonfinite: int = 3  # consecutive non-finite losses before aborting
 
 

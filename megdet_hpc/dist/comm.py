@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,18 @@ class Comm(ABC):
             return tensor
         return self._allreduce_(tensor, group)
 
+    def allreduce_coalesced_(self, tensors: Sequence[torch.Tensor], group: Group | None = None) -> None:
+        """Sum every tensor of ``tensors`` in place: one logical collective (the gradient allreduce).
+
+        Counted once, as an ``allreduce`` of the total element count, whatever the backend does
+        underneath: Horovod fuses the list (``grouped_allreduce_``), MPI reduces each tensor in place
+        (no flatten/unflatten copies), gloo/nccl get one flattened buffer per dtype.
+        """
+        tensors = list(tensors)
+        self.counters.add("allreduce", sum(t.numel() for t in tensors), str(tensors[0].dtype) if tensors else "")
+        if tensors and (group.size if group is not None else self.size) > 1:
+            self._allreduce_coalesced_(tensors, group)
+
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         self.counters.add("broadcast", tensor.numel(), str(tensor.dtype))
         if self.size == 1:
@@ -159,6 +172,16 @@ class Comm(ABC):
     # -- backend hooks --------------------------------------------------------------------------
     @abstractmethod
     def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor: ...
+
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+        """Default: one flattened buffer per dtype, so transports that favour big messages get one."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        for same in by_dtype.values():
+            flat = self._allreduce_(torch.cat([t.reshape(-1) for t in same]), group)
+            for t, part in zip(same, flat.split([t.numel() for t in same])):
+                t.copy_(part.view_as(t))
 
     @abstractmethod
     def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor: ...
@@ -286,3 +309,19 @@ def shutdown() -> None:
     if _COMM is not None:
         _COMM.shutdown()
     _COMM = _STATS_COMM = None
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view over ``tensor``'s memory when it is one dense block, else None.
+
+    Why: collectives want contiguous buffers, and channels_last tensors (activations, gradients of a
+    channels_last model) are not ``is_contiguous()`` yet occupy one dense block of storage.  An
+    element-wise sum over that block is layout-independent (every rank has the same layout), so it is
+    reduced in place instead of through a contiguous copy and back.
+    """
+    t = tensor.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided((t.numel(),), (1,))
+    return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, CommError, Group
+from megdet_hpc.dist.comm import Comm, CommError, Group, flat_view
 from megdet_hpc.dist.env import ClusterEnvironment
 
 
@@ -47,11 +47,30 @@ class HorovodComm(Comm):
         return self.hvd.local_size()
 
     def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+        if not tensor.is_contiguous():
+            self._allreduce_coalesced_([tensor], group)
+            return tensor
         kwargs = {"process_set": group.handle} if group is not None else {}
         return self.hvd.allreduce_(tensor, op=self.hvd.Sum, **kwargs)
 
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+        # Horovod refuses non-contiguous tensors: reduce dense (e.g. channels_last) ones through a flat
+        # view of their memory and the rest through a contiguous copy.
+        kwargs = {"process_set": group.handle} if group is not None else {}
+        views = [flat_view(t) for t in tensors]
+        staged = [v if v is not None else t.contiguous() for t, v in zip(tensors, views)]
+        self.hvd.grouped_allreduce_(staged, op=self.hvd.Sum, **kwargs)
+        for t, v, s in zip(tensors, views, staged):
+            if v is None:
+                t.copy_(s)
+
     def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
-        return self.hvd.broadcast_(tensor, root_rank=root)
+        view = flat_view(tensor)
+        staged = view if view is not None else tensor.contiguous()
+        self.hvd.broadcast_(staged, root_rank=root)
+        if view is None:
+            tensor.copy_(staged)
+        return tensor
 
     def _allgather_object(self, obj: Any) -> list[Any]:
         return self.hvd.allgather_object(obj, name="megdet.allgather_object")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, Group
+from megdet_hpc.dist.comm import Comm, Group, flat_view
 from megdet_hpc.dist.env import ClusterEnvironment
 
 
@@ -38,14 +38,25 @@ class MPIComm(Comm):
 
     def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
         comm = group.handle if group is not None else self.comm
-        if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype != torch.bfloat16:
-            comm.Allreduce(self.MPI.IN_PLACE, tensor.detach().numpy(), op=self.MPI.SUM)
+        dense = flat_view(tensor) if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16 else None
+        if dense is not None:
+            comm.Allreduce(self.MPI.IN_PLACE, dense.numpy(), op=self.MPI.SUM)
             return tensor
         host = tensor.detach().to("cpu", torch.float32 if tensor.dtype == torch.bfloat16 else None)
         host = host.contiguous()
         comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
         tensor.copy_(host)
         return tensor
+
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+        """Each tensor in place, no flattening.
+
+        Why: on shared memory the copies into and out of one flat buffer cost more than the reduction
+        itself (R18-FPN gradients, 28M floats, 2 ranks: cat + allreduce + copy back 110 ms, one
+        in-place allreduce per tensor 34 ms), and MPI latency is microseconds per call.
+        """
+        for t in tensors:
+            self._allreduce_(t, group)
 
     def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         host = tensor.detach().cpu().contiguous()
@@ -77,3 +88,4 @@ class MPIComm(Comm):
         # background thread is alive segfaults in OpenMPI 4.1 (attribute cleanup); MPI_Finalize
         # releases it anyway.
         return None
+

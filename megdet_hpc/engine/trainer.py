@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from megdet_hpc import dist
 from megdet_hpc.checkpoint import Checkpointer
@@ -33,6 +32,7 @@ from megdet_hpc.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, S
 from megdet_hpc.evaluation import evaluate
 from megdet_hpc.modeling import build_model, set_sampling_keys
 from megdet_hpc.solver import LRSchedule, build_optimizer
+from megdet_hpc.utils_logging import progress_bar
 
 log = logging.getLogger("megdet_hpc.engine")
 
@@ -87,7 +87,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, self.model)
         self.sync = make_gradient_sync(self.comm, self.model, optimizer, accum=self.batch.grad_accum,
-                                       fp16_compression=s.fp16_compression)  # fmt: skip
+                                       fp16_compression=s.fp16_compression, mode=s.grad_sync)  # fmt: skip
+        log.info(self.sync.describe())
         if ckpt:  # after wrapping: hvd.DistributedOptimizer re-creates the optimizer without its state
             self.sync.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler = torch.amp.GradScaler("cuda") if (s.amp and self.device.type == "cuda") else None
@@ -248,8 +249,7 @@ class Trainer:
         self.stop.install(cfg.train.requeue_signals)
         self.model.train()
         data_iter = iter(self.loader)
-        bar = tqdm(total=max_iter, initial=p.iteration, disable=not self.comm.is_main, desc="train",
-                   unit="it", dynamic_ncols=True)  # fmt: skip
+        bar = progress_bar(max_iter, "train", self.comm.is_main, initial=p.iteration, unit="it")
         window_start, window_images = time.perf_counter(), 0
         exit_code = EXIT_OK
         try:
@@ -277,7 +277,7 @@ class Trainer:
                               "s_per_iter": elapsed / max(window_images / self.batch.total, 1)}  # fmt: skip
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4f}",
-                                    ips=f"{record['images_per_s']:.1f}")  # fmt: skip
+                                    ips=f"{record['images_per_s']:.1f}", refresh=False)  # fmt: skip
                     window_start, window_images = time.perf_counter(), 0
                 if stop:
                     bar.close()

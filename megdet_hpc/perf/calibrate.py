@@ -1,8 +1,8 @@
 """Measure this machine's collective latency/bandwidth and training-step time with real processes.
 
-``python -m megdet_hpc.perf.calibrate --collectives OUT [--bytes B]`` (under mpirun/horovodrun) times a
-512 B allreduce (latency) and one of B bytes -- the model's gradient size (bandwidth) -- through the
-chosen comm backend.
+``python -m megdet_hpc.perf.calibrate --collectives OUT --config C`` (under mpirun/horovodrun) times a
+512 B allreduce (latency) and the config's gradient allreduce (bandwidth) through the launcher's comm
+backend.
 ``--step OUT --config C`` times ``Trainer._step`` of a config (any world size).
 """
 
@@ -17,10 +17,14 @@ import time
 from pathlib import Path
 
 
-def collectives(out: Path, big_bytes: int = 16 * 2**20, repeats: int = 200) -> None:
+def collectives(out: Path, config: str, overrides: list[str], repeats: int = 200) -> None:
+    """Latency from a 512 B allreduce; bandwidth from the gradient allreduce the trainer really issues
+    (``Comm.allreduce_coalesced_`` over tensors shaped like the config's trainable parameters)."""
     import torch
 
     from megdet_hpc import dist
+    from megdet_hpc.config import load_config
+    from megdet_hpc.modeling import build_model
 
     comm = dist.init()
     lat = []
@@ -31,21 +35,24 @@ def collectives(out: Path, big_bytes: int = 16 * 2**20, repeats: int = 200) -> N
         comm.allreduce_(small)
         if i >= 20:
             lat.append(time.perf_counter() - t0)
-    big = torch.zeros(max(1, big_bytes // 4))  # as large as the model's gradients
+    model = build_model(load_config(config, overrides))
+    grads = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    numel = sum(g.numel() for g in grads)
     bw = []
     for i in range(12):
         comm.barrier()
         t0 = time.perf_counter()
-        comm.allreduce_(big)
+        comm.allreduce_coalesced_(grads)
         if i >= 2:
             bw.append(time.perf_counter() - t0)
     n = comm.size
     t_small, t_big = statistics.median(lat), statistics.median(bw)
     alpha = t_small / (2 * (n - 1))
-    bandwidth = 2 * (n - 1) / n * big.numel() * 4 / max(t_big - 2 * (n - 1) * alpha, 1e-9)
+    bandwidth = 2 * (n - 1) / n * numel * 4 / max(t_big - 2 * (n - 1) * alpha, 1e-9)
     if comm.rank == 0:
         out.write_text(json.dumps({"backend": comm.name, "size": n, "small_allreduce_s": t_small,
-                                   "big_allreduce_s": t_big, "alpha_s": alpha, "bandwidth_Bps": bandwidth}))  # fmt: skip
+                                   "gradient_allreduce_s": t_big, "gradient_tensors": len(grads),
+                                   "gradient_elements": numel, "alpha_s": alpha, "bandwidth_Bps": bandwidth}))  # fmt: skip
     dist.shutdown()
 
 
@@ -79,11 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collectives", type=Path)
     p.add_argument("--step", type=Path)
     p.add_argument("--config")
-    p.add_argument("--bytes", type=int, default=16 * 2**20, help="size of the bandwidth allreduce")
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
     if a.collectives:
-        collectives(a.collectives, a.bytes)
+        collectives(a.collectives, a.config, a.opts)
     if a.step:
         step(a.step, a.config, a.opts)
     return 0

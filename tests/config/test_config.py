@@ -49,6 +49,8 @@ def test_overrides_are_typed() -> None:
         (["model.cgbn_where=[box_head]"], "box_head_convs is 0"),
         (["solver.warmup_factor=0"], "solver.warmup_factor"),
         (["data.images_per_gpu=0"], "data.images_per_gpu must be > 0"),
+        (["solver.grad_sync=sometimes"], "solver.grad_sync='sometimes' is not one of"),
+        (["solver.grad_sync=after_backward", "solver.fp16_compression=true"], "fp16_compression needs"),
         (["solver.base_lr"], "not of the form"),
     ],
 )

@@ -19,6 +19,23 @@ def main(out: Path) -> None:
     pair = comm.contiguous_group(2)
     p = torch.full((3,), float(r + 1))
     comm.allreduce_(p, pair)
+    # Coalesced (the gradient path): mixed dtypes, a channels_last 4-D tensor, a non-contiguous view;
+    # values differ per element so a layout mix-up shows.
+    base = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    many = [
+        (base + r).contiguous(memory_format=torch.channels_last),
+        torch.full((7,), float(r), dtype=torch.float64),
+        (torch.arange(12.0).reshape(3, 4) * (r + 1)).t(),
+    ]
+    comm.allreduce_coalesced_(many)
+    coalesced_ok = (
+        torch.equal(many[0], base * n + n * (n - 1) / 2)
+        and many[0].is_contiguous(memory_format=torch.channels_last)
+        and torch.equal(many[1], torch.full((7,), n * (n - 1) / 2, dtype=torch.float64))
+        and torch.equal(many[2], (torch.arange(12.0).reshape(3, 4) * (n * (n + 1) / 2)).t())
+    )
+    pair_many = [torch.full((2, 2), float(r + 1))]
+    comm.allreduce_coalesced_(pair_many, pair)
     b = torch.full((4,), float(r))
     comm.broadcast_(b, root=n - 1)
     objs = comm.allgather_object({"rank": r})
@@ -33,6 +50,8 @@ def main(out: Path) -> None:
         "pair": p.tolist(),
         "pair_ranks": list(pair.ranks) if pair else None,
         "broadcast": b.tolist(),
+        "coalesced_ok": coalesced_ok,
+        "pair_coalesced": pair_many[0].flatten().tolist(),
         "objs": objs,
         "bobj": bobj,
         "stats_comm": stats.name,

@@ -31,7 +31,9 @@ def test_primitives(tmp_path, launcher: str) -> None:
         assert rep["broadcast"] == [float(n - 1)] * 4
         assert rep["objs"] == [{"rank": i} for i in range(n)]
         assert rep["bobj"] == {"from": 0}
-        assert rep["calls"]["allreduce"] == 2
+        assert rep["coalesced_ok"], rep
+        assert rep["pair_coalesced"] == [float(2 * first + 3)] * 4
+        assert rep["calls"]["allreduce"] == 4  # a coalesced list counts as one collective
     # CGBN statistics ride the training comm by default (bench/cgbn.py measured it fastest).
     assert reps[0]["stats_comm"] == rep["backend"]
 

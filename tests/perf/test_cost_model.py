@@ -1,12 +1,15 @@
-"""The time-to-train cost model and the planner CLI (presets; calibration runs in make bench)."""
+"""The time-to-train cost model and the planner CLI (presets, and calibration on real processes)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from megdet_hpc.launch.local import local_env
 from megdet_hpc.perf.cost_model import PRESETS, Link, Machine, Workload, predict
 from megdet_hpc.plan import main as plan_main
 
@@ -55,3 +58,20 @@ def test_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert plan_main(["--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert plan_main(["--config", str(REPO / "configs/demo_cpu.yaml"), "--gpus", "0"]) == 2
+
+
+def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
+    """--calibrate measures collectives and steps under mpirun and validates against a real 2-rank step
+    (the accuracy target is a benchmark matter: bench/results/plan_demo*)."""
+    cfg = tiny_config(data={"images_per_gpu": 1}, train={"checkpoint_period": 0, "eval_at_end": False})
+    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.plan", "--config", str(cfg), "--calibrate",
+                           "--launcher", "mpirun", "--gpus", "1", "2", "--out", str(tmp_path / "plan")],
+                          cwd=REPO, env=local_env("single"), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    plan = json.loads((tmp_path / "plan/plan.json").read_text())
+    coll = plan["collectives"]
+    assert coll["backend"] == "mpi" and coll["size"] == 2 and coll["gradient_elements"] > 1e6
+    assert plan["step_2"]["size"] == 2 and plan["step_1"]["size"] == 1
+    v = plan["validation"]
+    assert v["measured_2_s"] > 0 and v["predicted_2_s"] >= plan["step_1"]["s_per_iter"]
+    assert "validation: 2 processes predicted" in proc.stdout
