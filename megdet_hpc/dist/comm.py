@@ -78,6 +78,7 @@ class Comm(ABC):
         self.env = env
         self.counters = CommCounters()
         self._groups: dict[int, Group] = {}
+        self._name_counts: dict[str, int] = defaultdict(int)
 
     # -- topology -------------------------------------------------------------------------------
     @property
@@ -101,14 +102,21 @@ class Comm(ABC):
         return self.rank == 0
 
     # -- collectives (counted) ------------------------------------------------------------------
-    def allreduce_(self, tensor: torch.Tensor, group: Group | None = None) -> torch.Tensor:
-        """Sum ``tensor`` in place over ``group`` (all ranks when None); returns ``tensor``."""
+    def allreduce_(self, tensor: torch.Tensor, group: Group | None = None, name: str | None = None) -> torch.Tensor:
+        """Sum ``tensor`` in place over ``group`` (all ranks when None); returns ``tensor``.
+
+        ``name``: a stable name for a collective issued every step (Horovod matches ranks' requests by
+        name and caches responses by it; unnamed ops get a fresh name per call, which fills Horovod's
+        response cache and logs eviction warnings).  Every rank must pass the same name.
+        """
         self.counters.add("allreduce", tensor.numel(), str(tensor.dtype))
         if (group.size if group is not None else self.size) == 1:
             return tensor
-        return self._allreduce_(tensor, group)
+        return self._allreduce_(tensor, group, name)
 
-    def allreduce_coalesced_(self, tensors: Sequence[torch.Tensor], group: Group | None = None) -> None:
+    def allreduce_coalesced_(
+        self, tensors: Sequence[torch.Tensor], group: Group | None = None, name: str | None = None
+    ) -> None:
         """Sum every tensor of ``tensors`` in place: one logical collective (the gradient allreduce).
 
         Counted once, as an ``allreduce`` of the total element count, whatever the backend does
@@ -118,7 +126,7 @@ class Comm(ABC):
         tensors = list(tensors)
         self.counters.add("allreduce", sum(t.numel() for t in tensors), str(tensors[0].dtype) if tensors else "")
         if tensors and (group.size if group is not None else self.size) > 1:
-            self._allreduce_coalesced_(tensors, group)
+            self._allreduce_coalesced_(tensors, group, name)
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         self.counters.add("broadcast", tensor.numel(), str(tensor.dtype))
@@ -142,6 +150,12 @@ class Comm(ABC):
         self.counters.add("barrier", 0)
         if self.size > 1:
             self._barrier()
+
+    def unique_name(self, prefix: str) -> str:
+        """``prefix.K`` with K counting calls per prefix: identical on every rank that makes the same
+        calls in the same order (how layers name their per-step collectives)."""
+        self._name_counts[prefix] += 1
+        return f"{prefix}.{self._name_counts[prefix]}"
 
     def contiguous_group(self, group_size: int | None) -> Group | None:
         """This rank's group of ``group_size`` contiguous ranks (MegDet's BN groups).
@@ -171,15 +185,15 @@ class Comm(ABC):
 
     # -- backend hooks --------------------------------------------------------------------------
     @abstractmethod
-    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor: ...
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None) -> torch.Tensor: ...
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
         """Default: one flattened buffer per dtype, so transports that favour big messages get one."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for t in tensors:
             by_dtype[t.dtype].append(t)
         for same in by_dtype.values():
-            flat = self._allreduce_(torch.cat([t.reshape(-1) for t in same]), group)
+            flat = self._allreduce_(torch.cat([t.reshape(-1) for t in same]), group, name)
             for t, part in zip(same, flat.split([t.numel() for t in same])):
                 t.copy_(part.view_as(t))
 

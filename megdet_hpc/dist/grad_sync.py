@@ -61,7 +61,7 @@ class GradientSync:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            self.comm.allreduce_coalesced_(grads)
+            self.comm.allreduce_coalesced_(grads, name="megdet.gradients")
             torch._foreach_div_(grads, float(self.comm.size))
         self._synced = True
 

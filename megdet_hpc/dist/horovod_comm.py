@@ -53,20 +53,20 @@ class HorovodComm(Comm):
     def local_size(self) -> int:
         return self.hvd.local_size()
 
-    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None = None) -> torch.Tensor:
         if not tensor.is_contiguous():
-            self._allreduce_coalesced_([tensor], group)
+            self._allreduce_coalesced_([tensor], group, name)
             return tensor
         kwargs = {"process_set": group.handle} if group is not None else {}
-        return self.hvd.allreduce_(tensor, op=self.hvd.Sum, **kwargs)
+        return self.hvd.allreduce_(tensor, op=self.hvd.Sum, name=name, **kwargs)
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
         # Horovod refuses non-contiguous tensors: reduce dense (e.g. channels_last) ones through a flat
         # view of their memory and the rest through a contiguous copy.
         kwargs = {"process_set": group.handle} if group is not None else {}
         views = [flat_view(t) for t in tensors]
         staged = [v if v is not None else t.contiguous() for t, v in zip(tensors, views)]
-        self.hvd.grouped_allreduce_(staged, op=self.hvd.Sum, **kwargs)
+        self.hvd.grouped_allreduce_(staged, op=self.hvd.Sum, name=name, **kwargs)
         for t, v, s in zip(tensors, views, staged):
             if v is None:
                 t.copy_(s)

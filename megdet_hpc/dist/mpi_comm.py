@@ -36,7 +36,7 @@ class MPIComm(Comm):
     def size(self) -> int:
         return self.comm.Get_size()
 
-    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None = None) -> torch.Tensor:
         comm = group.handle if group is not None else self.comm
         dense = flat_view(tensor) if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16 else None
         if dense is not None:
@@ -48,7 +48,7 @@ class MPIComm(Comm):
         tensor.copy_(host)
         return tensor
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None) -> None:
+    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
         """Each tensor in place, no flattening.
 
         Why: on shared memory the copies into and out of one flat buffer cost more than the reduction

@@ -20,7 +20,7 @@ class SingleProcessComm(Comm):
     def size(self) -> int:
         return 1
 
-    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None = None) -> torch.Tensor:
         return tensor
 
     def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor:

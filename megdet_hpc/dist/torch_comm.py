@@ -46,7 +46,7 @@ class TorchComm(Comm):
     def size(self) -> int:
         return dist.get_world_size()
 
-    def _allreduce_(self, tensor: torch.Tensor, group: Group | None) -> torch.Tensor:
+    def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None = None) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.handle if group else None)
         return tensor
 

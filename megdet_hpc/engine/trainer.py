@@ -184,7 +184,7 @@ class Trainer:
             [0.0 if finite else 1.0, float(self.stop.raised), float(time_due)], dtype=torch.float64
         )
         vec = torch.cat([flags, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
-        self.comm.allreduce_(vec)
+        self.comm.allreduce_(vec, name="megdet.vote")
         self._time_checkpoint_due = self._time_checkpoint_due or vec[2].item() > 0
         mean = {k: float(v) / self.comm.size for k, v in zip(names, vec[3:])}
         return vec[0].item() > 0, vec[1].item() > 0, mean

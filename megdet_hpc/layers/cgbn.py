@@ -70,7 +70,7 @@ def _local_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def group_statistics(
     x: torch.Tensor, shift: torch.Tensor, comm: Comm, group: Group | None, two_pass: bool = False,
-    eps: float = 1e-5,
+    eps: float = 1e-5, name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, bool]:  # fmt: skip
     """Mean and biased variance (float64, per channel) over every rank of ``group``, the count, and
     whether any rank's shard was ill-conditioned (agreed through the same collective)."""
@@ -83,13 +83,13 @@ def group_statistics(
         if n:
             first[:channels] = xf.sum(dims, dtype=torch.float64)
         first[channels] = n
-        comm.allreduce_(first, group)
+        comm.allreduce_(first, group, name and f"{name}.sum")
         total = float(first[channels])
         mean = first[:channels] / max(total, 1.0)
         second = torch.zeros(channels, dtype=torch.float64, device=x.device)
         if n:
             second.copy_(((xf - _view(mean.to(xf.dtype), xf)) ** 2).sum(dims, dtype=torch.float64))
-        comm.allreduce_(second, group)
+        comm.allreduce_(second, group, name and f"{name}.sq")
         var = second / max(total, 1.0)
         ill = bool((mean.abs() > ILL_CONDITIONED * torch.sqrt(var + eps)).any())
         return mean, var, total, ill
@@ -104,7 +104,7 @@ def group_statistics(
     # The count slot also carries the conditioning vote: 2^40 per ill-conditioned rank (float64 keeps
     # integers exact to 2^53, so counts < 2^40 and up to 8192 voting ranks stay separable).
     payload[2 * channels] = n + (ILL_FLAG if ill_local else 0.0)
-    comm.allreduce_(payload, group)
+    comm.allreduce_(payload, group, name and f"{name}.fwd")
     raw = float(payload[2 * channels])
     total = raw % ILL_FLAG
     ill = raw >= ILL_FLAG
@@ -133,6 +133,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         ill: bool,
         comm: Comm,
         group: Group | None,
+        name: str | None,
     ) -> torch.Tensor:
         hi, lo = _split_mean(mean)
         var32 = var.float()
@@ -145,7 +146,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         else:  # native single-pass normalisation with the group statistics
             out = F.batch_norm(x, hi, var32, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, hi, lo, var32, invstd)
-        ctx.total, ctx.eps, ctx.ill, ctx.comm, ctx.group = total, eps, ill, comm, group
+        ctx.total, ctx.eps, ctx.ill, ctx.comm, ctx.group, ctx.name = total, eps, ill, comm, group, name
         return out
 
     @staticmethod
@@ -169,7 +170,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
                 payload[:channels] = sum_dy
                 payload[channels:] = sum_dy_xhat
         local = payload.clone() if weight is not None else None
-        ctx.comm.allreduce_(payload, ctx.group)
+        ctx.comm.allreduce_(payload, ctx.group, ctx.name and f"{ctx.name}.bwd")
         grad_x = None
         if ctx.needs_input_grad[0]:
             norm = max(ctx.total, 1.0)
@@ -189,7 +190,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         if weight is not None and local is not None:
             grad_w = local[channels:].to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_b = local[:channels].to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class CrossGPUBatchNorm2d(nn.BatchNorm2d):
@@ -224,6 +225,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
         self._comm = comm
         self._group: Group | None = None
         self._group_ready = False
+        self._name: str | None = None  # stable collective name, the same on every rank
         self._force_sync = False  # benchmarks: run the CGBN path even in a one-process group
 
     def extra_repr(self) -> str:
@@ -232,7 +234,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     def __getstate__(self) -> dict[str, Any]:
         # Comms and process groups are per-process handles: never pickle/deepcopy them.
         state = self.__dict__.copy()
-        state.update(_comm=None, _group=None, _group_ready=False)
+        state.update(_comm=None, _group=None, _group_ready=False, _name=None)
         return state
 
     def _resolve_comm(self) -> Comm:
@@ -240,6 +242,8 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             self._comm = stats_comm()
         if not self._group_ready:
             self._group = self._comm.contiguous_group(self.group_size)
+            # Layers resolve in forward order, which is the same on every rank: so are their names.
+            self._name = self._comm.unique_name("cgbn")
             self._group_ready = True
         return self._comm
 
@@ -261,13 +265,14 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             return super().forward(input)
 
         shift = self.running_mean if self.running_mean is not None else input.new_zeros(self.num_features)
-        mean, var, total, ill = group_statistics(input, shift, comm, self._group, self.two_pass, self.eps)
+        mean, var, total, ill = group_statistics(input, shift, comm, self._group, self.two_pass, self.eps,
+                                                 self._name)  # fmt: skip
         if total == 0:
             return input.clone()
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, var, total)
         return _CrossGPUBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, var, total, self.eps, ill, comm, self._group
+            input, self.weight, self.bias, mean, var, total, self.eps, ill, comm, self._group, self._name
         )
 
     @torch.no_grad()

@@ -72,3 +72,11 @@ def test_job_port_is_stable_per_job() -> None:
     assert a == job_port({"SLURM_JOB_ID": "123"}) and 20000 <= a < 50000
     assert a != job_port({"SLURM_JOB_ID": "124"})
     assert job_port({"MASTER_PORT": "29501"}) == 29501
+
+
+def test_unique_names_count_per_prefix() -> None:
+    from megdet_hpc.dist.single import SingleProcessComm
+
+    comm = SingleProcessComm(detect({}))
+    assert [comm.unique_name("cgbn") for _ in range(3)] == ["cgbn.1", "cgbn.2", "cgbn.3"]
+    assert comm.unique_name("other") == "other.1"

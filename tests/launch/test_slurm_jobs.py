@@ -106,6 +106,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_co
     done = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
                           env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(ref)), timeout=400)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    ref_log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.out"))
     sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, capture_output=True, text=True,
                          env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(cut)), check=True)  # fmt: skip
     job_id = sub.stdout.strip().split(";")[0]
@@ -120,6 +121,9 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_co
     log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob(f"*-{job_id}.out"))
     assert "restart 1" in log, log[-3000:]
     assert "stopped by" in log
+    # 40 steps x 41 per-step collectives (20 CGBN layers x 2 + the vote) would overflow Horovod's
+    # 1024-entry response cache if they were unnamed: stable names keep every step a cache hit.
+    assert "evicted from cache" not in log + ref_log
     a = torch.load(ref / "model_0000040.pth", weights_only=True)
     b = torch.load(cut / "model_0000040.pth", weights_only=True)
     assert b["iteration"] == 40 and a["sampler"] == b["sampler"]
