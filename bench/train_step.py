@@ -48,6 +48,11 @@ def worker(out: Path, iters: int, blocks: int) -> None:
     comm = dist.init()
     tmp = Path(tempfile.mkdtemp())
     samples: dict[str, list[float]] = {}
+
+    def step(trainer, it) -> None:  # type: ignore[no-untyped-def]
+        _, _, skipped, _ = trainer.train_step(it)
+        assert not skipped, "non-finite step: the timing would not be a training step"
+
     if comm.size == 1:
         trainer = make_trainer("cgbn", tmp / "a", 1)
         data = iter(trainer.loader)
@@ -63,21 +68,11 @@ def worker(out: Path, iters: int, blocks: int) -> None:
             sum(losses.values()).backward()
             plain_opt.step()
 
-        def ours() -> None:
-            _, _, skipped, _ = trainer.train_step(data)
-            assert not skipped, "non-finite step: the timing would not be a training step"
-            trainer.progress.images_seen += trainer.batch.total
-
-        contenders = {"plain torchvision loop": plain, "megdet_hpc step": ours}
+        contenders = {"plain torchvision loop": plain, "megdet_hpc step": lambda: step(trainer, data)}
     else:
         cg = make_trainer("cgbn", tmp / "cg", comm.size)
         bn = make_trainer("bn", tmp / "bn", comm.size)
         it_cg, it_bn = iter(cg.loader), iter(bn.loader)
-
-        def step(trainer, it) -> None:  # type: ignore[no-untyped-def]
-            _, _, skipped, _ = trainer.train_step(it)
-            assert not skipped, "non-finite step: the timing would not be a training step"
-            trainer.progress.images_seen += trainer.batch.total
 
         contenders = {"megdet_hpc step, CGBN": lambda: step(cg, it_cg),
                       "megdet_hpc step, local BN": lambda: step(bn, it_bn)}  # fmt: skip

@@ -16,10 +16,11 @@ Backends (``MEGDET_COMM=auto|horovod|torch|mpi|none``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,3 +340,15 @@ def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return t.as_strided((t.numel(),), (1,))
     return None
+
+
+@contextlib.contextmanager
+def dense_buffers(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Buffers a transport that wants contiguous memory can work on in place: ``flat_view`` of each
+    dense tensor, a contiguous copy of any other (written back into it on exit)."""
+    views = [flat_view(t) for t in tensors]
+    staged = [v if v is not None else t.contiguous() for t, v in zip(tensors, views)]
+    yield staged
+    for t, v, s in zip(tensors, views, staged):
+        if v is None:
+            t.copy_(s)

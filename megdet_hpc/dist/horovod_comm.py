@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, CommError, Group, flat_view
+from megdet_hpc.dist.comm import Comm, CommError, Group, dense_buffers
 from megdet_hpc.dist.env import ClusterEnvironment
 
 
@@ -64,19 +64,12 @@ class HorovodComm(Comm):
         # Horovod refuses non-contiguous tensors: reduce dense (e.g. channels_last) ones through a flat
         # view of their memory and the rest through a contiguous copy.
         kwargs = {"process_set": group.handle} if group is not None else {}
-        views = [flat_view(t) for t in tensors]
-        staged = [v if v is not None else t.contiguous() for t, v in zip(tensors, views)]
-        self.hvd.grouped_allreduce_(staged, op=self.hvd.Sum, name=name, **kwargs)
-        for t, v, s in zip(tensors, views, staged):
-            if v is None:
-                t.copy_(s)
+        with dense_buffers(tensors) as staged:
+            self.hvd.grouped_allreduce_(staged, op=self.hvd.Sum, name=name, **kwargs)
 
     def _broadcast_(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
-        view = flat_view(tensor)
-        staged = view if view is not None else tensor.contiguous()
-        self.hvd.broadcast_(staged, root_rank=root)
-        if view is None:
-            tensor.copy_(staged)
+        with dense_buffers([tensor]) as (staged,):
+            self.hvd.broadcast_(staged, root_rank=root)
         return tensor
 
     def _allgather_object(self, obj: Any) -> list[Any]:

@@ -158,13 +158,17 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
 
     def train_step(self, data_iter: Any) -> tuple[float, dict[str, float], bool, bool]:
-        """Set the LR for the images seen, run one optimizer step, record the sampler position.
+        """Set the LR for the images seen, run one optimizer step, advance the progress (iteration,
+        images seen, sampler position; a skipped step consumed its images too).
         Returns (lr, mean losses, whether the step was skipped as non-finite, whether to stop)."""
-        lr = self.schedule.lr(self.progress.images_seen, self.batch.total)
+        p = self.progress
+        lr = self.schedule.lr(p.images_seen, self.batch.total)
         for group in self.sync.optimizer.param_groups:
             group["lr"] = lr
         losses, nonfinite, stop, position = self._step(data_iter)
-        self.progress.sampler = self.sampler.state_after(*position)
+        p.sampler = self.sampler.state_after(*position)
+        p.iteration += 1
+        p.images_seen += self.batch.total
         return lr, losses, nonfinite, stop
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -175,7 +179,8 @@ class Trainer:
         happens on every rank at the same iteration without a collective of its own.
         """
         names = sorted(losses)
-        values = torch.tensor([float(losses[k].detach()) for k in names], dtype=torch.float64)
+        # One device-to-host copy for all loss terms (not one sync per term on a GPU).
+        values = torch.stack([losses[k].detach().float() for k in names]).to("cpu", torch.float64)
         finite = bool(torch.isfinite(values).all())
         minutes = self.cfg.train.checkpoint_minutes
         time_due = (self.comm.is_main and minutes > 0
@@ -257,7 +262,7 @@ class Trainer:
                 lr, losses, nonfinite, stop = self.train_step(data_iter)
                 if nonfinite:
                     p.nonfinite_streak += 1
-                    msg = (f"non-finite loss or gradient at iteration {p.iteration} on at least one rank "
+                    msg = (f"non-finite loss or gradient at iteration {p.iteration - 1} on at least one rank "
                            f"({p.nonfinite_streak} in a row); step skipped, model unchanged")  # fmt: skip
                     log.error(msg)
                     if p.nonfinite_streak >= cfg.solver.max_nonfinite:
@@ -265,8 +270,6 @@ class Trainer:
                                                  f"{cfg.solver.max_nonfinite}")  # fmt: skip
                 else:
                     p.nonfinite_streak = 0
-                p.iteration += 1
-                p.images_seen += self.batch.total
                 window_images += self.batch.total
                 bar.update(1)
                 if p.iteration % cfg.train.log_period == 0 or p.iteration == max_iter:

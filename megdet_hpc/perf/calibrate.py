@@ -72,7 +72,6 @@ def step(out: Path, config: str, overrides: list[str], iters: int = 12) -> None:
         comm.barrier()
         t0 = time.perf_counter()
         trainer.train_step(data)
-        trainer.progress.images_seen += trainer.batch.total
         if i >= 3:
             times.append(time.perf_counter() - t0)
     if comm.rank == 0:
