@@ -126,6 +126,22 @@ def test_missing_weights_file_is_a_one_line_error(tiny_config, tmp_path: Path) -
     assert "model.backbone_weights file not found" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize(("launcher", "sections", "message"), [
+    ("mpirun", {"solver": {"fp16_compression": True}}, "solver.fp16_compression needs Horovod's overlapped"),
+    ("hvd-gloo", {"solver": {"grad_sync": "overlap"}, "train": {"channels_last": True}},
+     "solver.grad_sync=overlap cannot run a channels_last model on Horovod"),
+])  # fmt: skip
+def test_gradient_path_the_backend_cannot_run_is_a_one_line_error(
+    tiny_config, tmp_path: Path, launcher: str, sections: dict, message: str
+) -> None:
+    cfg = tiny_config(data={"images_per_gpu": 1}, **sections)
+    proc = run(launcher, 2, [*TRAIN, "--config", str(cfg)], check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "megdet_hpc.train: error:" in line]
+    assert errors and message in errors[0], proc.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("model_*.pth"))
+
+
 def test_local_weights_load(tiny_config, tmp_path: Path) -> None:
     import torchvision
 
