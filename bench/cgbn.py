@@ -61,11 +61,11 @@ def bn_shapes(size: int, images: int = 2) -> list[tuple[int, ...]]:
 
 def worker(out: Path, size: int, repeats: int) -> None:
     sys.path.insert(0, str(HERE.parent.parent))
-    from megdet_hpc import dist
+    from megdet_hpc import distributed
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
-    comm = dist.init()
-    stats = dist.stats_comm()
+    comm = distributed.init()
+    stats = distributed.stats_comm()
     torch.manual_seed(comm.rank)
     shapes = bn_shapes(size)
     inputs = [torch.randn(s) for s in shapes]
@@ -108,7 +108,7 @@ def worker(out: Path, size: int, repeats: int) -> None:
     result["allreduce_latency_s"] = summary(lat)
     if comm.rank == 0:
         out.write_text(json.dumps(result))
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def main() -> int:

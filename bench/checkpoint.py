@@ -22,8 +22,8 @@ def main() -> int:
 
     from megdet_hpc.checkpoint import Checkpointer
     from megdet_hpc.config import load_config
-    from megdet_hpc.dist.env import ClusterEnvironment
-    from megdet_hpc.dist.single import SingleProcessComm
+    from megdet_hpc.distributed.env import ClusterEnvironment
+    from megdet_hpc.distributed.single import SingleProcessComm
     from megdet_hpc.modeling import build_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

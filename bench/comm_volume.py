@@ -22,13 +22,13 @@ HERE = Path(__file__).resolve()
 
 
 def worker(out: Path) -> None:
-    from megdet_hpc import dist
+    from megdet_hpc import distributed
     from megdet_hpc.config import load_config
     from megdet_hpc.data.synthetic import generate
     from megdet_hpc.engine import Trainer
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
-    comm = dist.init()
+    comm = distributed.init()
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
     cfg = load_config(REPO / "configs/megdet_r50_fpn_bs16.yaml", [
         "model.num_classes=3", "model.min_size=128", "model.max_size=128", "data.images_per_gpu=1",
@@ -46,7 +46,7 @@ def worker(out: Path) -> None:
     if comm.rank == 0:
         out.write_text(json.dumps({"size": comm.size, "log": comm.counters.log, "channels": channels,
                                    "params": params}))  # fmt: skip
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def formula(channels: list[int], params: int, n: int, design: str) -> dict[str, float]:

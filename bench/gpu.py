@@ -65,8 +65,8 @@ def bn_bench(iters: int) -> dict:
     import torchvision
     from torch import nn
 
-    from megdet_hpc.dist.env import ClusterEnvironment
-    from megdet_hpc.dist.single import SingleProcessComm
+    from megdet_hpc.distributed.env import ClusterEnvironment
+    from megdet_hpc.distributed.single import SingleProcessComm
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     shapes: list[tuple[int, ...]] = []

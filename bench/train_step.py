@@ -43,9 +43,9 @@ def make_trainer(norm: str, out: Path, world: int, *extra: str):  # type: ignore
 def worker(out: Path, iters: int, blocks: int) -> None:
     import torch
 
-    from megdet_hpc import dist
+    from megdet_hpc import distributed
 
-    comm = dist.init()
+    comm = distributed.init()
     tmp = Path(tempfile.mkdtemp())
     samples: dict[str, list[float]] = {}
 
@@ -91,10 +91,10 @@ def worker(out: Path, iters: int, blocks: int) -> None:
                 fn()
             samples.setdefault(name, []).append((time.perf_counter() - t0) / iters)
     if comm.rank == 0:
-        out.write_text(json.dumps({"world": comm.size, "comm": comm.name, "stats_comm": dist.stats_comm().name,
+        out.write_text(json.dumps({"world": comm.size, "comm": comm.name, "stats_comm": distributed.stats_comm().name,
                                    "gradient_path": cg.sync.describe() if comm.size > 1 else "",
                                    "s_per_iter": {k: summary(v) for k, v in samples.items()}}))  # fmt: skip
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def main() -> int:

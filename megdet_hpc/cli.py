@@ -8,7 +8,7 @@ from collections.abc import Callable
 from megdet_hpc.checkpoint import CheckpointError
 from megdet_hpc.config import ConfigError
 from megdet_hpc.data.coco import DataError
-from megdet_hpc.dist import CommError
+from megdet_hpc.distributed import CommError
 from megdet_hpc.engine.signals import EXIT_BAD_INPUT
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CommError)

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def _run() -> int:
-        from megdet_hpc import dist
+        from megdet_hpc import distributed
         from megdet_hpc.checkpoint import Checkpointer, CheckpointError
         from megdet_hpc.config import load_config
         from megdet_hpc.data.loader import build_val_dataset
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from megdet_hpc.utils_logging import setup_logging
 
         cfg = load_config(a.config, a.opts)
-        comm = dist.init()
+        comm = distributed.init()
         setup_logging(comm.rank)
         try:
             ckpt = Checkpointer(Path(cfg.train.output_dir), comm, background=False)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"checkpoint": str(path), **metrics}))
             return 0
         finally:
-            dist.shutdown()
+            distributed.shutdown()
 
     return run_cli(_run, "megdet_hpc.evaluate")
 

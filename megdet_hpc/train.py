@@ -1,7 +1,7 @@
 """``python -m megdet_hpc.train --config configs/X.yaml [section.key=value ...]``
 
 Runs on 1 process, or under ``horovodrun -np N``, ``mpirun -np N``, ``srun`` or ``torchrun``: the
-launcher is detected (``megdet_hpc.dist.env``).  Resumes automatically from the newest valid checkpoint
+launcher is detected (``megdet_hpc.distributed.env``).  Resumes automatically from the newest valid checkpoint
 in ``train.output_dir`` (``--no-resume`` starts fresh without deleting anything, ``--resume-from PATH``
 picks one).  Exit codes: 0 done, 2 bad input, 3 checkpointed after a preemption signal, 4 aborted on
 non-finite losses.
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def _run() -> int:
-        from megdet_hpc import dist
+        from megdet_hpc import distributed
         from megdet_hpc.config import ConfigError, load_config, scale_to_total_batch
         from megdet_hpc.engine import Trainer
         from megdet_hpc.utils_logging import setup_logging
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_to_total_batch(cfg, args.total_batch)
         if args.no_resume and args.resume_from:
             raise ConfigError("--no-resume and --resume-from contradict each other")
-        comm = dist.init()
+        comm = distributed.init()
         setup_logging(comm.rank, Path(cfg.train.output_dir))
         try:
             trainer = Trainer(cfg, resume=not args.no_resume, resume_from=args.resume_from)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return trainer.train()
         finally:
-            dist.shutdown()
+            distributed.shutdown()
 
     return run_cli(_run, "megdet_hpc.train")
 

@@ -104,3 +104,19 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Fail the run when a ``test_*.py`` under a collected folder yields no test at all.
+
+    Why: a folder named like one of pytest's default ``norecursedirs`` (``dist``, ``build``, ...) is
+    skipped silently; the comm layer's tests once went unrun that way.  Runs before ``-k``/``-m``
+    deselection, so selecting a subset does not trip it.
+    """
+    collected = {Path(str(item.path)).resolve() for item in items}
+    roots = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    on_disk = {p.resolve() for root in roots if root.is_dir() for p in root.rglob("test_*.py")}
+    missing = sorted(str(p.relative_to(TESTS.parent)) for p in on_disk - collected)
+    if missing:
+        raise pytest.UsageError(f"test files on disk that pytest did not collect: {', '.join(missing)}")

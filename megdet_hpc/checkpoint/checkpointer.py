@@ -27,7 +27,7 @@ from megdet_hpc.checkpoint.io import (
     verify,
     write_checkpoint,
 )
-from megdet_hpc.dist import Comm
+from megdet_hpc.distributed import Comm
 
 log = logging.getLogger("megdet_hpc.checkpoint")
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from megdet_hpc import dist
+from megdet_hpc import distributed
 from megdet_hpc.checkpoint import Checkpointer
 from megdet_hpc.checkpoint import rng as rng_state
 from megdet_hpc.config import Config, to_dict
 from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset, shutdown_loader
-from megdet_hpc.dist.grad_sync import make_gradient_sync
+from megdet_hpc.distributed.grad_sync import make_gradient_sync
 from megdet_hpc.engine.batch import plan_batch
 from megdet_hpc.engine.metrics import MetricsWriter
 from megdet_hpc.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
@@ -62,7 +62,7 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = True, resume_from: Path | None = None) -> None:
         self.cfg = cfg
-        self.comm = dist.init()
+        self.comm = distributed.init()
         self.output_dir = Path(cfg.train.output_dir)
         self.device = select_device(cfg, self.comm.local_rank)
         if cfg.train.threads > 0:

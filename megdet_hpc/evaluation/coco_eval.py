@@ -18,7 +18,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from megdet_hpc.data.coco import CocoDetection
-from megdet_hpc.dist import Comm
+from megdet_hpc.distributed import Comm
 from megdet_hpc.utils_logging import progress_bar
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]

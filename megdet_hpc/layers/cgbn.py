@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megdet_hpc.dist import Comm, Group, stats_comm
+from megdet_hpc.distributed import Comm, Group, stats_comm
 
 # Inputs whose |mean| exceeds this many standard deviations are "ill-conditioned": float32 cannot
 # hold their mean precisely enough, so the statistics and the normalisation take the compensated
@@ -200,7 +200,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
       group_size: ranks sharing statistics; 1 = local BN, None/0 = all ranks (default).  Groups are
         contiguous ranks (MegDet, apex) and must divide the world size.
       two_pass: the paper's two-collective variant (global mean, then variance) instead of one pass.
-      comm: the ``Comm`` carrying the statistics (default: ``megdet_hpc.dist.stats_comm()``).
+      comm: the ``Comm`` carrying the statistics (default: ``megdet_hpc.distributed.stats_comm()``).
     """
 
     def __init__(

@@ -22,11 +22,11 @@ def collectives(out: Path, config: str, overrides: list[str], repeats: int = 200
     (``Comm.allreduce_coalesced_`` over tensors shaped like the config's trainable parameters)."""
     import torch
 
-    from megdet_hpc import dist
+    from megdet_hpc import distributed
     from megdet_hpc.config import load_config
     from megdet_hpc.modeling import build_model
 
-    comm = dist.init()
+    comm = distributed.init()
     lat = []
     small = torch.zeros(64, dtype=torch.float64)
     for i in range(repeats + 20):
@@ -53,15 +53,15 @@ def collectives(out: Path, config: str, overrides: list[str], repeats: int = 200
         out.write_text(json.dumps({"backend": comm.name, "size": n, "small_allreduce_s": t_small,
                                    "gradient_allreduce_s": t_big, "gradient_tensors": len(grads),
                                    "gradient_elements": numel, "alpha_s": alpha, "bandwidth_Bps": bandwidth}))  # fmt: skip
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def step(out: Path, config: str, overrides: list[str], iters: int = 12) -> None:
-    from megdet_hpc import dist
+    from megdet_hpc import distributed
     from megdet_hpc.config import load_config
     from megdet_hpc.engine import Trainer
 
-    comm = dist.init()
+    comm = distributed.init()
     tmp = Path(tempfile.mkdtemp())
     cfg = load_config(config, [*overrides, f"train.output_dir={tmp}", "train.checkpoint_period=0",
                                "data.num_workers=0", "train.tensorboard=false", "train.threads=1"])  # fmt: skip
@@ -77,7 +77,7 @@ def step(out: Path, config: str, overrides: list[str], iters: int = 12) -> None:
     if comm.rank == 0:
         out.write_text(json.dumps({"size": comm.size, "s_per_iter": statistics.median(times),
                                    "images_per_gpu": trainer.batch.images_per_gpu}))  # fmt: skip
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

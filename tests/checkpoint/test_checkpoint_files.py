@@ -14,8 +14,8 @@ import torch
 
 from megdet_hpc.checkpoint import Checkpointer, CheckpointError, load_file, verify, write_checkpoint
 from megdet_hpc.checkpoint.io import POINTER
-from megdet_hpc.dist.env import ClusterEnvironment
-from megdet_hpc.dist.single import SingleProcessComm
+from megdet_hpc.distributed.env import ClusterEnvironment
+from megdet_hpc.distributed.single import SingleProcessComm
 
 COMM = SingleProcessComm(ClusterEnvironment("local", 0, 1, 0, 1))
 

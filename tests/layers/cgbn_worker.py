@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megdet_hpc import dist
+from megdet_hpc import distributed
 from megdet_hpc.layers import CrossGPUBatchNorm2d
 
 C, H, W = 8, 5, 4
@@ -92,7 +92,7 @@ def check_case(comm, name, sizes, group_size=None, offset=0.0, two_pass=False, d
 
 
 def main(out: Path) -> None:
-    comm = dist.init()
+    comm = distributed.init()
     world = comm.size
     results = {"backend": comm.name, "world": world, "rank": comm.rank}
     equal = [2] * world
@@ -119,7 +119,7 @@ def main(out: Path) -> None:
         results["bad_group_error"] = str(exc)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(results))
-    dist.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Distributed communication: launcher detection and the backend-neutral ``Comm``."""
 
-from megdet_hpc.dist.comm import Comm, CommError, Group, get, init, make_comm, shutdown, stats_comm
-from megdet_hpc.dist.env import ClusterEnvironment, detect
+from megdet_hpc.distributed.comm import Comm, CommError, Group, get, init, make_comm, shutdown, stats_comm
+from megdet_hpc.distributed.env import ClusterEnvironment, detect
 
 __all__ = [
     "ClusterEnvironment",

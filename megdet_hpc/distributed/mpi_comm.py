@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, Group, flat_view
-from megdet_hpc.dist.env import ClusterEnvironment
+from megdet_hpc.distributed.comm import Comm, Group, flat_view
+from megdet_hpc.distributed.env import ClusterEnvironment
 
 
 class MPIComm(Comm):
@@ -48,7 +48,9 @@ class MPIComm(Comm):
         tensor.copy_(host)
         return tensor
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
+    def _allreduce_coalesced_(
+        self, tensors: list[torch.Tensor], group: Group | None, name: str | None
+    ) -> None:
         """Each tensor in place, no flattening.
 
         Why: on shared memory the copies into and out of one flat buffer cost more than the reduction
@@ -88,4 +90,3 @@ class MPIComm(Comm):
         # background thread is alive segfaults in OpenMPI 4.1 (attribute cleanup); MPI_Finalize
         # releases it anyway.
         return None
-

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megdet_hpc.dist.comm import Comm, CommError
+from megdet_hpc.distributed.comm import Comm, CommError
 
 
 class GradientSync:

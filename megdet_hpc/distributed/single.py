@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, Group
+from megdet_hpc.distributed.comm import Comm, Group
 
 
 class SingleProcessComm(Comm):

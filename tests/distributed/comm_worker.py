@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from megdet_hpc import dist
+from megdet_hpc import distributed
 
 
 def main(out: Path) -> None:
-    comm = dist.init()
+    comm = distributed.init()
     r, n = comm.rank, comm.size
     t = torch.full((5,), float(r + 1))
     comm.allreduce_(t)
@@ -41,7 +41,7 @@ def main(out: Path) -> None:
     objs = comm.allgather_object({"rank": r})
     bobj = comm.broadcast_object({"from": r} if r == 0 else None, root=0)
     comm.barrier()
-    stats = dist.stats_comm()
+    stats = distributed.stats_comm()
     report = {
         "backend": comm.name,
         "rank": r,
@@ -59,7 +59,7 @@ def main(out: Path) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{r}.json").write_text(json.dumps(report))
-    dist.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

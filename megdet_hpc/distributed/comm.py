@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.env import ClusterEnvironment, detect
+from megdet_hpc.distributed.env import ClusterEnvironment, detect
 
 BACKENDS = ("auto", "horovod", "torch", "mpi", "none")
 
@@ -103,7 +103,9 @@ class Comm(ABC):
         return self.rank == 0
 
     # -- collectives (counted) ------------------------------------------------------------------
-    def allreduce_(self, tensor: torch.Tensor, group: Group | None = None, name: str | None = None) -> torch.Tensor:
+    def allreduce_(
+        self, tensor: torch.Tensor, group: Group | None = None, name: str | None = None
+    ) -> torch.Tensor:
         """Sum ``tensor`` in place over ``group`` (all ranks when None); returns ``tensor``.
 
         ``name``: a stable name for a collective issued every step (Horovod matches ranks' requests by
@@ -125,7 +127,9 @@ class Comm(ABC):
         (no flatten/unflatten copies), gloo/nccl get one flattened buffer per dtype.
         """
         tensors = list(tensors)
-        self.counters.add("allreduce", sum(t.numel() for t in tensors), str(tensors[0].dtype) if tensors else "")
+        self.counters.add(
+            "allreduce", sum(t.numel() for t in tensors), str(tensors[0].dtype) if tensors else ""
+        )
         if tensors and (group.size if group is not None else self.size) > 1:
             self._allreduce_coalesced_(tensors, group, name)
 
@@ -181,14 +185,16 @@ class Comm(ABC):
         self._groups[group_size] = mine
         return mine
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release backend resources (idempotent)."""
 
     # -- backend hooks --------------------------------------------------------------------------
     @abstractmethod
     def _allreduce_(self, tensor: torch.Tensor, group: Group | None, name: str | None) -> torch.Tensor: ...
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
+    def _allreduce_coalesced_(
+        self, tensors: list[torch.Tensor], group: Group | None, name: str | None
+    ) -> None:
         """Default: one flattened buffer per dtype, so transports that favour big messages get one."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for t in tensors:
@@ -258,19 +264,19 @@ def init(backend: str | None = None) -> Comm:
 def make_comm(name: str, env: ClusterEnvironment) -> Comm:
     """Construct a backend by name (no global state): also used for the CGBN statistics comm."""
     if name == "none":
-        from megdet_hpc.dist.single import SingleProcessComm
+        from megdet_hpc.distributed.single import SingleProcessComm
 
         return SingleProcessComm(env)
     if name == "horovod":
-        from megdet_hpc.dist.horovod_comm import HorovodComm
+        from megdet_hpc.distributed.horovod_comm import HorovodComm
 
         return HorovodComm(env)
     if name == "torch":
-        from megdet_hpc.dist.torch_comm import TorchComm
+        from megdet_hpc.distributed.torch_comm import TorchComm
 
         return TorchComm(env)
     if name == "mpi":
-        from megdet_hpc.dist.mpi_comm import MPIComm
+        from megdet_hpc.distributed.mpi_comm import MPIComm
 
         return MPIComm(env)
     raise CommError(f"unknown comm backend {name!r}")
@@ -304,7 +310,9 @@ def stats_comm() -> Comm:
     main = get()
     if mode == "mpi" and main.size > 1 and main.name != "mpi":
         if not (main.env.is_mpi and _importable("mpi4py")):
-            raise CommError("MEGDET_CGBN_COMM=mpi needs an MPI launch (mpirun, horovodrun --mpi, srun --mpi=pmix)")
+            raise CommError(
+                "MEGDET_CGBN_COMM=mpi needs an MPI launch (mpirun, horovodrun --mpi, srun --mpi=pmix)"
+            )
         _STATS_COMM = make_comm("mpi", main.env)
         if _STATS_COMM.size != main.size or _STATS_COMM.rank != main.rank:
             raise CommError(

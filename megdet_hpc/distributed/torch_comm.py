@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megdet_hpc.dist.comm import Comm, Group
-from megdet_hpc.dist.env import ClusterEnvironment, job_port, slurm_master_addr
+from megdet_hpc.distributed.comm import Comm, Group
+from megdet_hpc.distributed.env import ClusterEnvironment, job_port, slurm_master_addr
 
 
 class TorchComm(Comm):

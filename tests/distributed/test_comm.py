@@ -7,12 +7,18 @@ import json
 import pytest
 from launchers import run
 
-from megdet_hpc.dist.comm import CommError, resolve_backend
-from megdet_hpc.dist.env import detect, job_port
+from megdet_hpc.distributed.comm import CommError, resolve_backend
+from megdet_hpc.distributed.env import detect, job_port
 
 
 def test_stats_comm_on_mpi4py_under_horovod_mpi(tmp_path) -> None:
-    run("hvd-mpi", 2, ["tests/dist/comm_worker.py", str(tmp_path)], env={"MEGDET_CGBN_COMM": "mpi"}, timeout=180)
+    run(
+        "hvd-mpi",
+        2,
+        ["tests/distributed/comm_worker.py", str(tmp_path)],
+        env={"MEGDET_CGBN_COMM": "mpi"},
+        timeout=180,
+    )
     rep = json.loads((tmp_path / "rank0.json").read_text())
     assert rep["backend"] == "horovod" and rep["stats_comm"] == "mpi"
 
@@ -20,7 +26,7 @@ def test_stats_comm_on_mpi4py_under_horovod_mpi(tmp_path) -> None:
 @pytest.mark.parametrize("launcher", ["hvd-gloo", "hvd-mpi", "mpirun", "torchrun"])
 def test_primitives(tmp_path, launcher: str) -> None:
     n = 4
-    run(launcher, n, ["tests/dist/comm_worker.py", str(tmp_path)], timeout=180)
+    run(launcher, n, ["tests/distributed/comm_worker.py", str(tmp_path)], timeout=180)
     reps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
     for r, rep in enumerate(reps):
         assert rep["size"] == n and rep["rank"] == r
@@ -75,7 +81,7 @@ def test_job_port_is_stable_per_job() -> None:
 
 
 def test_unique_names_count_per_prefix() -> None:
-    from megdet_hpc.dist.single import SingleProcessComm
+    from megdet_hpc.distributed.single import SingleProcessComm
 
     comm = SingleProcessComm(detect({}))
     assert [comm.unique_name("cgbn") for _ in range(3)] == ["cgbn.1", "cgbn.2", "cgbn.3"]

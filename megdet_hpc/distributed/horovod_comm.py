@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.dist.comm import Comm, CommError, Group, dense_buffers
-from megdet_hpc.dist.env import ClusterEnvironment
+from megdet_hpc.distributed.comm import Comm, CommError, Group, dense_buffers
+from megdet_hpc.distributed.env import ClusterEnvironment
 
 
 class HorovodComm(Comm):
@@ -60,7 +60,9 @@ class HorovodComm(Comm):
         kwargs = {"process_set": group.handle} if group is not None else {}
         return self.hvd.allreduce_(tensor, op=self.hvd.Sum, name=name, **kwargs)
 
-    def _allreduce_coalesced_(self, tensors: list[torch.Tensor], group: Group | None, name: str | None) -> None:
+    def _allreduce_coalesced_(
+        self, tensors: list[torch.Tensor], group: Group | None, name: str | None
+    ) -> None:
         # Horovod refuses non-contiguous tensors: reduce dense (e.g. channels_last) ones through a flat
         # view of their memory and the rest through a contiguous copy.
         kwargs = {"process_set": group.handle} if group is not None else {}
