@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
 
-.PHONY: setup test lint demo bench slurm-scripts clean-outputs
+.PHONY: setup test test-gpu lint demo bench experiment slurm-scripts
 
 setup:
 	bash scripts/setup.sh
@@ -23,5 +23,13 @@ demo: setup
 bench: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash bench/run_all.sh
 
+# GPU tests (pytest -m gpu; they skip only where CUDA is absent) -- on a GPU machine, see bench/gpu.sh.
+test-gpu: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m gpu tests
+
+# MegDet's table: batch size x BN size x warmup on the embedded data (~90 min on 2 cores).
+experiment: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m megdet_hpc.experiments.megdet_table
+
 slurm-scripts: setup
-	$(PY) -m megdet_hpc.slurm --regenerate-committed
+	$(PY) -m megdet_hpc.launch sbatch --regenerate-committed

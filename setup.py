@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="MegDet-style large mini-batch detection training with Cross-GPU BatchNorm on SLURM/MPI",
     packages=find_packages(include=["megdet_hpc", "megdet_hpc.*"]),
-    package_data={"megdet_hpc": ["launch/templates/*.sh.in"]},
+    # configs/ ships inside the package (megdet_hpc/configs is a link to it): a wheel can train.
+    package_data={"megdet_hpc": ["launch/templates/*.sh.in", "configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -28,8 +29,8 @@ setup(
             "megdet-train=megdet_hpc.train:main",
             "megdet-evaluate=megdet_hpc.evaluate:main",
             "megdet-launch=megdet_hpc.launch.__main__:main",
-            "megdet-slurm=megdet_hpc.slurm:main",
-            "megdet-plan=megdet_hpc.plan:main",
+            "megdet-plan=megdet_hpc.perf.__main__:main",
+            "megdet-visualize=megdet_hpc.visualize:main",
         ]
     },
 )

@@ -10,16 +10,14 @@ ratio to local BN measured in the same process, and the latency of one statistic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import bn_shapes, collect, new_figure, savefig, summary, table, write_result
 from torch import nn
-
-from common import new_figure, launch, savefig, summary, table, write_result  # isort: skip
 
 HERE = Path(__file__).resolve()
 
@@ -44,40 +42,25 @@ CONTENDERS = [
 ]
 
 
-def bn_shapes(size: int, images: int = 2) -> list[tuple[int, ...]]:
-    """Input shapes of every BatchNorm2d of torchvision's ResNet-50 body (the FPN backbone)."""
-    import torchvision
-
-    model = torchvision.models.resnet50(weights=None).eval()
-    shapes: list[tuple[int, ...]] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
-             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
-    with torch.no_grad():
-        model(torch.zeros(images, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def worker(out: Path, size: int, repeats: int) -> None:
-    sys.path.insert(0, str(HERE.parent.parent))
+def worker(size: int, repeats: int) -> None:
     from megdet_hpc import distributed
+    from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     comm = distributed.init()
     stats = distributed.stats_comm()
     torch.manual_seed(comm.rank)
-    shapes = bn_shapes(size)
+    shapes = bn_shapes(size, size)
     inputs = [torch.randn(s) for s in shapes]
     grads = [torch.randn(s) for s in shapes]
 
     def layers(kind: str) -> list[nn.Module]:
         if kind == "bn":
             return [nn.BatchNorm2d(s[1]) for s in shapes]
-        mods = [CrossGPUBatchNorm2d(s[1], two_pass=kind == "two_pass") for s in shapes]
-        for m in mods:  # N=1: measure our formulation, not the nn.BatchNorm2d fast path
-            m._force_sync = comm.size == 1
-        return mods
+        # N=1: force_sync measures our formulation, not the nn.BatchNorm2d fast path.
+        return [
+            CrossGPUBatchNorm2d(s[1], two_pass=kind == "two_pass", force_sync=comm.size == 1) for s in shapes
+        ]
 
     def step(mods: list[nn.Module]) -> float:
         comm.barrier()
@@ -87,8 +70,14 @@ def worker(out: Path, size: int, repeats: int) -> None:
             m(xi).backward(g)
         return time.perf_counter() - t0
 
-    result: dict = {"rank": comm.rank, "size": comm.size, "backend": comm.name, "stats_comm": stats.name,
-                    "layers": len(shapes), "channels": sum(s[1] for s in shapes)}  # fmt: skip
+    result: dict = {
+        "rank": comm.rank,
+        "size": comm.size,
+        "backend": comm.name,
+        "stats_comm": stats.name,
+        "layers": len(shapes),
+        "channels": sum(s[1] for s in shapes),
+    }
     built = {k: layers(k) for k in ("bn", "one_pass", "two_pass")}
     samples: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(2):
@@ -107,7 +96,7 @@ def worker(out: Path, size: int, repeats: int) -> None:
             lat.append(time.perf_counter() - t0)
     result["allreduce_latency_s"] = summary(lat)
     if comm.rank == 0:
-        out.write_text(json.dumps(result))
+        write_report(0, result)
     distributed.shutdown()
 
 
@@ -116,34 +105,50 @@ def main() -> int:
     p.add_argument("--size", type=int, default=320, help="image side (pixels) for the BN shapes")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="N=1 and N=2 only")
-    p.add_argument("--worker", type=Path)
+    p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker(a.worker, a.size, a.repeats)
+        worker(a.size, a.repeats)
         return 0
     rows = []
-    tmp = HERE.parent / "results" / "cgbn_tmp.json"
     for label, launcher, n, env in CONTENDERS:
         if a.quick and n > 2:
             continue
-        launch(launcher, n, [str(HERE), "--worker", str(tmp), "--size", str(a.size), "--repeats",
-                             str(a.repeats)], env=env)  # fmt: skip
-        r = json.loads(tmp.read_text())
+        r = collect(
+            launcher, n, [str(HERE), "--worker", "--size", str(a.size), "--repeats", str(a.repeats)], env=env
+        )
         t = r["time_s"]
-        rows.append({"contender": label, "N": n, "stats": r["stats_comm"],
-                     "bn_ms": 1e3 * t["bn"]["median"], "cgbn_ms": 1e3 * t["one_pass"]["median"],
-                     "two_pass_ms": 1e3 * t["two_pass"]["median"],
-                     "cgbn_over_bn": t["one_pass"]["median"] / t["bn"]["median"],
-                     "two_over_one": t["two_pass"]["median"] / t["one_pass"]["median"],
-                     "latency_us": 1e6 * r["allreduce_latency_s"]["median"],
-                     "layers": r["layers"], "raw": r})  # fmt: skip
+        rows.append(
+            {
+                "contender": label,
+                "N": n,
+                "stats": r["stats_comm"],
+                "bn_ms": 1e3 * t["bn"]["median"],
+                "cgbn_ms": 1e3 * t["one_pass"]["median"],
+                "two_pass_ms": 1e3 * t["two_pass"]["median"],
+                "cgbn_over_bn": t["one_pass"]["median"] / t["bn"]["median"],
+                "two_over_one": t["two_pass"]["median"] / t["one_pass"]["median"],
+                "latency_us": 1e6 * r["allreduce_latency_s"]["median"],
+                "layers": r["layers"],
+                "raw": r,
+            }
+        )
         print(f"  {label} N={n}: done", flush=True)
-    tmp.unlink(missing_ok=True)
-    cols = [("contender", "contender"), ("N", "N"), ("stats", "stats via"), ("bn_ms", "BN ms"),
-            ("cgbn_ms", "CGBN ms"), ("two_pass_ms", "2-pass ms"), ("cgbn_over_bn", "CGBN/BN"),
-            ("two_over_one", "2-pass/1-pass"), ("latency_us", "allreduce us")]  # fmt: skip
-    print(f"\nfwd+bwd over the {rows[0]['layers']} BN layers of ResNet-50 at 2 images of {a.size}px "
-          f"(median of {a.repeats}; one thread per rank)\n")  # fmt: skip
+    cols = [
+        ("contender", "contender"),
+        ("N", "N"),
+        ("stats", "stats via"),
+        ("bn_ms", "BN ms"),
+        ("cgbn_ms", "CGBN ms"),
+        ("two_pass_ms", "2-pass ms"),
+        ("cgbn_over_bn", "CGBN/BN"),
+        ("two_over_one", "2-pass/1-pass"),
+        ("latency_us", "allreduce us"),
+    ]
+    print(
+        f"\nfwd+bwd over the {rows[0]['layers']} BN layers of ResNet-50 at 2 images of {a.size}px "
+        f"(median of {a.repeats}; one thread per rank)\n"
+    )
     print(table(rows, cols))
     path = write_result("cgbn", {"size": a.size, "repeats": a.repeats, "rows": rows})
     fig, ax = new_figure((9, 4.5))

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import new_figure, savefig, summary, table, write_result  # isort: skip
+from common import new_figure, savefig, summary, table, write_result
 
 
 def main() -> int:
@@ -22,7 +22,6 @@ def main() -> int:
 
     from megdet_hpc.checkpoint import Checkpointer
     from megdet_hpc.config import load_config
-    from megdet_hpc.distributed.env import ClusterEnvironment
     from megdet_hpc.distributed.single import SingleProcessComm
     from megdet_hpc.modeling import build_model
 
@@ -48,9 +47,11 @@ def main() -> int:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": 1}
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     size += sum(v.numel() * v.element_size() for s in opt.state_dict()["state"].values() for v in s.values())
-    comm = SingleProcessComm(ClusterEnvironment("local", 0, 1, 0, 1))
-    results: dict[str, dict[str, list[float]]] = {"sync": {"stall": [], "write": []},
-                                                  "background": {"stall": [], "write": []}}  # fmt: skip
+    comm = SingleProcessComm()
+    results: dict[str, dict[str, list[float]]] = {
+        "sync": {"stall": [], "write": []},
+        "background": {"stall": [], "write": []},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.repeats):
             for mode in ("sync", "background"):
@@ -62,12 +63,31 @@ def main() -> int:
     rows = []
     for mode, r in results.items():
         stall = summary(r["stall"])["median"]
-        rows.append({"mode": mode, "state_MiB": size / 2**20, "stall_s": stall,
-                     "write_s": summary(r["write"])["median"], "stall_pct_of_step": 100 * stall / step_period})  # fmt: skip
-    print(f"R50-FPN checkpoint ({size / 2**20:.0f} MiB incl. momentum); step period {step_period:.2f} s "
-          f"(CPU, 1 thread, 2 x 256 px{', given' if a.step_period else ''})")  # fmt: skip
-    print(table(rows, [("mode", "mode"), ("state_MiB", "MiB"), ("stall_s", "stall s"), ("write_s", "write s"),
-                       ("stall_pct_of_step", "stall % of one step")]))  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "state_MiB": size / 2**20,
+                "stall_s": stall,
+                "write_s": summary(r["write"])["median"],
+                "stall_pct_of_step": 100 * stall / step_period,
+            }
+        )
+    print(
+        f"R50-FPN checkpoint ({size / 2**20:.0f} MiB incl. momentum); step period {step_period:.2f} s "
+        f"(CPU, 1 thread, 2 x 256 px{', given' if a.step_period else ''})"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("mode", "mode"),
+                ("state_MiB", "MiB"),
+                ("stall_s", "stall s"),
+                ("write_s", "write s"),
+                ("stall_pct_of_step", "stall % of one step"),
+            ],
+        )
+    )
     path = write_result("checkpoint", {"rows": rows, "step_period_s": step_period, "raw": results})
     fig, ax = new_figure((6, 3))
     ax.bar([r["mode"] for r in rows], [r["stall_s"] for r in rows])

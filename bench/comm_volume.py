@@ -11,41 +11,42 @@ compared with torch's SyncBatchNorm design (forward all-gather of N x (2C+1), ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-from common import new_figure, REPO, launch, savefig, table, write_result  # isort: skip
+from common import REPO, collect, new_figure, savefig, table, write_result
 
 HERE = Path(__file__).resolve()
 
 
-def worker(out: Path) -> None:
+def worker() -> None:
     from megdet_hpc import distributed
-    from megdet_hpc.config import load_config
     from megdet_hpc.data.synthetic import generate
-    from megdet_hpc.engine import Trainer
+    from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
+    from megdet_hpc.perf.calibrate import timing_trainer
 
     comm = distributed.init()
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
-    cfg = load_config(REPO / "configs/megdet_r50_fpn_bs16.yaml", [
-        "model.num_classes=3", "model.min_size=128", "model.max_size=128", "data.images_per_gpu=1",
-        f"solver.total_batch={comm.size}", "data.num_workers=0", "train.checkpoint_period=0",
-        f"train.output_dir={tempfile.mkdtemp()}", "train.tensorboard=false",
-        f"data.train_images={data}/train", f"data.train_annotations={data}/annotations/instances_train.json",
-    ])  # fmt: skip
-    trainer = Trainer(cfg, resume=False)
-    it = iter(trainer.loader)
-    trainer._step(it)
+    overrides = [
+        "model.num_classes=3",
+        "model.min_size=128",
+        "model.max_size=128",
+        "data.images_per_gpu=1",
+        f"solver.total_batch={comm.size}",
+        "data.num_workers=0",
+        "solver.amp=off",
+        f"data.train_images={data}/train",
+        f"data.train_annotations={data}/annotations/instances_train.json",
+    ]
+    trainer = timing_trainer(REPO / "configs/megdet_r50_fpn_bs16.yaml", overrides, comm)
+    trainer.run_step()
     comm.counters.reset(keep_log=True)
-    trainer._step(it)
+    trainer.run_step()
     channels = [m.num_features for m in trainer.model.modules() if isinstance(m, CrossGPUBatchNorm2d)]
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if comm.rank == 0:
-        out.write_text(json.dumps({"size": comm.size, "log": comm.counters.log, "channels": channels,
-                                   "params": params}))  # fmt: skip
+        write_report(0, {"size": comm.size, "log": comm.counters.log, "channels": channels, "params": params})
     distributed.shutdown()
 
 
@@ -66,23 +67,23 @@ def formula(channels: list[int], params: int, n: int, design: str) -> dict[str, 
         cg = sum((n - 1) * (2 * c + 1) * 4 + ring_ar * 2 * c * 4 for c in channels)
     grad = ring_ar * params * 4
     vote = ring_ar * 7 * 8  # [non-finite, stop, checkpoint-time, 4 losses] float64
-    return {"calls": 2 * len(channels) + 2, "cgbn_calls": 2 * len(channels), "cgbn_wire_bytes": cg,
-            "grad_wire_bytes": grad, "wire_bytes": cg + grad + vote}  # fmt: skip
+    return {
+        "calls": 2 * len(channels) + 2,
+        "cgbn_calls": 2 * len(channels),
+        "cgbn_wire_bytes": cg,
+        "grad_wire_bytes": grad,
+        "wire_bytes": cg + grad + vote,
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", type=Path)
+    p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker(a.worker)
+        worker()
         return 0
-    tmp = HERE.parent / "results" / "comm_volume_tmp.json"
-    counted = {}
-    for n in (2, 4):
-        launch("mpirun", n, [str(HERE), "--worker", str(tmp)])
-        counted[n] = json.loads(tmp.read_text())
-    tmp.unlink(missing_ok=True)
+    counted = {n: collect("mpirun", n, [str(HERE), "--worker"]) for n in (2, 4)}
     channels, params = counted[2]["channels"], counted[2]["params"]
     check = []
     for n, r in counted.items():
@@ -91,29 +92,55 @@ def main() -> int:
         cg = [e for e in log if e[1] in sizes]
         grads = [e for e in log if e[1] == params]
         f = formula(channels, params, n, "cgbn")
-        check.append({"N": n, "counted_calls": len(log), "formula_calls": f["calls"],
-                      "counted_cgbn_calls": len(cg), "formula_cgbn_calls": f["cgbn_calls"],
-                      "grad_elements": sum(e[1] for e in grads), "params": params,
-                      "cgbn_elements": sum(e[1] for e in cg),
-                      "formula_cgbn_elements": sum(4 * c + 1 for c in channels)})  # fmt: skip
+        check.append(
+            {
+                "N": n,
+                "counted_calls": len(log),
+                "formula_calls": f["calls"],
+                "counted_cgbn_calls": len(cg),
+                "formula_cgbn_calls": f["cgbn_calls"],
+                "grad_elements": sum(e[1] for e in grads),
+                "params": params,
+                "cgbn_elements": sum(e[1] for e in cg),
+                "formula_cgbn_elements": sum(4 * c + 1 for c in channels),
+            }
+        )
         assert len(log) == f["calls"] and len(cg) == f["cgbn_calls"], (n, len(log), f)
     print("counted on the real code path (one iteration, R50-FPN, mpirun):")
     print(table(check, [(k, k) for k in check[0]]))
     rows = []
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         ours, torch_design = formula(channels, params, n, "cgbn"), formula(channels, params, n, "allgather")
-        rows.append({"N": n, "collectives": ours["calls"],
-                     "cgbn_KiB": ours["cgbn_wire_bytes"] / 1024, "allgather_syncbn_KiB": torch_design["cgbn_wire_bytes"] / 1024,
-                     "ratio": torch_design["cgbn_wire_bytes"] / ours["cgbn_wire_bytes"] if n > 1 else None,
-                     "grad_MiB": ours["grad_wire_bytes"] / 2**20,
-                     "total_MiB_ours": ours["wire_bytes"] / 2**20, "total_MiB_allgather": torch_design["wire_bytes"] / 2**20})  # fmt: skip
+        rows.append(
+            {
+                "N": n,
+                "collectives": ours["calls"],
+                "cgbn_KiB": ours["cgbn_wire_bytes"] / 1024,
+                "allgather_syncbn_KiB": torch_design["cgbn_wire_bytes"] / 1024,
+                "ratio": torch_design["cgbn_wire_bytes"] / ours["cgbn_wire_bytes"] if n > 1 else None,
+                "grad_MiB": ours["grad_wire_bytes"] / 2**20,
+                "total_MiB_ours": ours["wire_bytes"] / 2**20,
+                "total_MiB_allgather": torch_design["wire_bytes"] / 2**20,
+            }
+        )
     print(
         f"\nper iteration and rank ({len(channels)} CGBN layers, sum C = {sum(channels)}, {params / 1e6:.1f}M params):"
     )
-    print(table(rows, [("N", "N"), ("collectives", "collectives"), ("cgbn_KiB", "CGBN wire KiB"),
-                       ("allgather_syncbn_KiB", "all-gather SyncBN KiB"), ("ratio", "ratio"),
-                       ("grad_MiB", "grad MiB"), ("total_MiB_ours", "total MiB"),
-                       ("total_MiB_allgather", "total MiB (all-gather)")]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                ("N", "N"),
+                ("collectives", "collectives"),
+                ("cgbn_KiB", "CGBN wire KiB"),
+                ("allgather_syncbn_KiB", "all-gather SyncBN KiB"),
+                ("ratio", "ratio"),
+                ("grad_MiB", "grad MiB"),
+                ("total_MiB_ours", "total MiB"),
+                ("total_MiB_allgather", "total MiB (all-gather)"),
+            ],
+        )
+    )
     path = write_result("comm_volume", {"counted": check, "extrapolated": rows})
     fig, ax = new_figure((7, 4))
     ns = [r["N"] for r in rows[1:]]

@@ -1,25 +1,30 @@
-"""Shared benchmark helpers: robust timing summaries, tables, JSON results, launcher runs."""
+"""Shared benchmark helpers: robust summaries, tables, results JSON with their environment, launches.
+
+Benchmarks run as scripts (``python bench/x.py``) with ``megdet_hpc`` importable (installed by
+``make setup``; ``bench/gpu.sh`` puts the checkout on ``PYTHONPATH``).  Multi-process contenders go
+through ``megdet_hpc.launch.local.run_and_collect``: workers call ``write_report`` on rank 0.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from megdet_hpc.launch.local import run_and_collect
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO))
-
-from megdet_hpc.launch.local import local_command, local_env  # noqa: E402
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    """Median and interquartile spread: robust on a noisy 2-core machine."""
+    """Median and interquartile spread: robust on a noisy machine."""
     s = sorted(samples)
     q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
     return {"median": statistics.median(s), "p25": q[0], "p75": q[2], "n": len(s)}
@@ -40,23 +45,81 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_cpus": os.cpu_count(),
-               **payload}  # fmt: skip
-    path = RESULTS / f"{name}.json"
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: commit, library versions, host, device."""
+    import torch
+    import torchvision
+
+    env: dict[str, Any] = {
+        "commit": _git_commit(),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import horovod
+
+        env["horovod"] = horovod.__version__
+    except ImportError:
+        env["horovod"] = None
+    return env
+
+
+def write_result(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(), **payload}
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
 
 
-def launch(launcher: str, nproc: int, argv: list[str], env: dict[str, str] | None = None,
-           timeout: float = 900) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    full = local_env(launcher, env, pythonpath=str(REPO))
-    proc = subprocess.run(local_command(launcher, nproc, argv), env=full, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"{launcher} -np {nproc} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+def collect(
+    launcher: str, nproc: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800
+) -> dict:
+    """Rank 0's report of ``python argv`` run under ``launcher`` (see ``write_report``)."""
+    return run_and_collect(launcher, nproc, argv, env=env, cwd=REPO, timeout=timeout).reports[0]
+
+
+def bn_shapes(height: int, width: int, images: int = 2) -> list[tuple[int, ...]]:
+    """Input shapes of every BatchNorm2d of torchvision's ResNet-50 (the FPN backbone's body)."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    model = torchvision.models.resnet50(weights=None).eval()
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, height, width))
+    for h in hooks:
+        h.remove()
+    return [(images, *s[1:]) for s in shapes]
 
 
 def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
@@ -69,9 +132,9 @@ def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
     return plt.subplots(figsize=figsize)
 
 
-def savefig(fig: Any, name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.png"
+def savefig(fig: Any, name: str, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

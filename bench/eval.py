@@ -14,7 +14,7 @@ import random
 import sys
 import time
 
-from common import summary, table, write_result  # isort: skip
+from common import summary, table, write_result
 
 
 def main() -> int:
@@ -33,12 +33,26 @@ def main() -> int:
         images.append({"id": i, "width": 640, "height": 480})
         for _ in range(7):
             x, y, w, h = rng.uniform(0, 500), rng.uniform(0, 350), rng.uniform(10, 140), rng.uniform(10, 130)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": rng.randint(1, 80),
-                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": rng.randint(1, 80),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         for _ in range(a.dets):
             x, y, w, h = rng.uniform(0, 500), rng.uniform(0, 350), rng.uniform(10, 140), rng.uniform(10, 130)
-            dets.append({"image_id": i, "category_id": rng.randint(1, 80), "bbox": [x, y, w, h],
-                         "score": rng.random()})  # fmt: skip
+            dets.append(
+                {
+                    "image_id": i,
+                    "category_id": rng.randint(1, 80),
+                    "bbox": [x, y, w, h],
+                    "score": rng.random(),
+                }
+            )
     times = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
@@ -52,8 +66,16 @@ def main() -> int:
             ev.summarize()
         times.append(time.perf_counter() - t0)
     s = summary(times)
-    rows = [{"tool": "pycocotools", "images": a.images, "detections": len(dets), "median_s": s["median"],
-             "p25_s": s["p25"], "p75_s": s["p75"]}]  # fmt: skip
+    rows = [
+        {
+            "tool": "pycocotools",
+            "images": a.images,
+            "detections": len(dets),
+            "median_s": s["median"],
+            "p25_s": s["p25"],
+            "p75_s": s["p75"],
+        }
+    ]
     print(table(rows, [(k, k) for k in rows[0]]))
     print(f"wrote {write_result('eval', {'rows': rows})}")
     return 0

@@ -1,120 +1,565 @@
-"""One-GPU benchmark (< 8 minutes): R50-FPN training step with AMP + channels_last, CGBN vs BN at N=1.
+"""Every GPU measurement in one run (``bash bench/gpu.sh``; < 8 minutes on one H100).
 
-Runs from a fresh checkout with only torch/torchvision (Horovod, pycocotools and submitit optional):
-``python bench/gpu.py`` or ``bash bench/gpu.sh``.  Reports images/s of the Faster R-CNN R50-FPN step at
-2 images/GPU (800 x 1216) in fp32 and AMP + channels_last, fwd+bwd time of the 53 ResNet-50 BN layers
-with nn.BatchNorm2d vs CGBN's code path (forced on in a 1-process group), and peak memory.  Writes
-bench/results/gpu.json (and $OUT/gpu.json when OUT is set).
+Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.json``):
+
+* ``bn``: fwd+bwd of the 53 BatchNorm layers of ResNet-50 at 2 images of 800x1216, fp32 and fp16:
+  ``nn.BatchNorm2d`` vs CGBN with its statistics path forced in one process (``force_sync``), with the
+  portable kernels and with torch's fused SyncBN kernels.  Target: CGBN <= 1.5x BN.
+* ``sync_free``: a CGBN forward + backward (both kernel sets, several calls) under
+  ``torch.cuda.set_sync_debug_mode("error")``.
+* ``two_ranks``: 2 ranks sharing the GPU over the same transport (torch gloo): the 53 layers with CGBN
+  vs ``torch.nn.SyncBatchNorm``.  Target: CGBN no slower.
+* ``step``: Faster R-CNN R50-FPN training step, AMP, 2 images of 800 px, the project's loader:
+  ``Trainer.run_step`` vs a plain AMP loop on the same model and data vs torchvision's
+  ``fasterrcnn_resnet50_fpn`` plain loop, and the step with CGBN forced vs plain BN; images/s and peak
+  memory.  Targets: run_step >= 1.0x both loops; CGBN forced <= 1.08x BN.  (Needs pycocotools for the
+  loader: importable, or installed by ``bench/gpu.sh`` from ``$WHEELS``; otherwise skipped and said.)
+* ``defaults``: the same step with one GPU default changed at a time (fp32 / bf16, channels_last,
+  cudnn.benchmark, TF32, pinned memory), so each default is a measurement.
+* ``memory``: plain AMP step at 2 and 8 images of 800x1333, without / with activation checkpointing of
+  the ResNet stages / stages + FPN: s/iter and peak memory (MegDet's sub-linear memory).
+
+Contenders of a section run in interleaved blocks in one process and are reported as medians and
+ratios.  ``--smoke`` runs every section on the CPU at toy sizes (what CI checks: the script works).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import contextlib
+import importlib.util
 import os
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from common import REPO, bn_shapes, environment, new_figure, savefig, table, write_result
+from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-
-def timed(fn, iters: int, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+HERE = Path(__file__).resolve()
 
 
-def train_step_bench(amp: bool, channels_last: bool, iters: int) -> dict:
-    from megdet_hpc.config import load_config
-    from megdet_hpc.modeling import build_model
+class Sizes:
+    """Problem sizes: the real ones on a GPU, toy ones for the CPU smoke run."""
 
-    torch.cuda.reset_peak_memory_stats()
-    cfg = load_config(None, ["model.num_classes=80"])
-    model = build_model(cfg).cuda().train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    gen = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 800, 1216, generator=gen).cuda() for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[100.0, 120.0, 400.0, 500.0], [600.0, 50.0, 900.0, 300.0]]).cuda(),
-                "labels": torch.tensor([3, 17]).cuda()} for _ in range(2)]  # fmt: skip
+    def __init__(self, smoke: bool) -> None:
+        self.smoke = smoke
+        self.bn_hw = (64, 96) if smoke else (800, 1216)
+        self.image = 96 if smoke else 800
+        self.memory_hw = (96, 160) if smoke else (800, 1333)
+        self.memory_batches = (2, 4) if smoke else (2, 8)
+        self.bn_iters = 2 if smoke else 10
+        self.step_iters = 2 if smoke else 8
+        self.blocks = 2 if smoke else 4
+        self.warmup = 1 if smoke else 3
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], None]], iters: int, blocks: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each contender, timed in interleaved blocks."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(blocks):
+        for name, fn in contenders.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / iters)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> float:
+    """GiB allocated at the peak of one call, above what was allocated before it."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+# -- BN layers --------------------------------------------------------------------------------------
+def bn_layers(sizes: Sizes, device: torch.device, comm: Any) -> list[dict]:
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    shapes = bn_shapes(*sizes.bn_hw)
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        if dtype == torch.float16 and device.type != "cuda":
+            continue
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+        gs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+        stacks = {
+            "nn.BatchNorm2d": [nn.BatchNorm2d(s[1]).to(device) for s in shapes],
+            "CGBN portable": [
+                CrossGPUBatchNorm2d(s[1], comm=comm, force_sync=True, kernels="portable").to(device)
+                for s in shapes
+            ],
+            "CGBN fused": [
+                CrossGPUBatchNorm2d(s[1], comm=comm, force_sync=True, kernels="fused").to(device)
+                for s in shapes
+            ],
+        }
+
+        def run(mods: list[nn.Module], xs: list[torch.Tensor] = xs, gs: list[torch.Tensor] = gs) -> None:
+            for m, x, g in zip(mods, xs, gs):
+                m(x.detach().requires_grad_(True)).backward(g)
+
+        times = interleaved(
+            {k: (lambda m=m: run(m)) for k, m in stacks.items()},
+            sizes.bn_iters,
+            sizes.blocks,
+            sizes.warmup,
+            device,
+        )
+        base = times["nn.BatchNorm2d"]
+        for name, t in times.items():
+            rows.append(
+                {
+                    "dtype": str(dtype).split(".")[1],
+                    "contender": name,
+                    "layers": len(shapes),
+                    "ms": 1e3 * t,
+                    "vs_bn": t / base,
+                }
+            )
+    return rows
+
+
+# -- sync-free ----------------------------------------------------------------------------------------
+def sync_free(device: torch.device, comm: Any) -> list[dict]:
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    rows = []
+    for kernels in ("portable", "fused"):
+        for layout in ("contiguous", "channels_last"):
+            layer = CrossGPUBatchNorm2d(64, comm=comm, force_sync=True, kernels=kernels).to(device)
+            x = torch.randn(2, 64, 40, 56, device=device) + 3.0
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            error = ""
+            mode = contextlib.nullcontext()
+            if device.type == "cuda":
+                sync(device)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                with mode:
+                    for _ in range(20):  # first call, lagged conditioning checks, running-stat updates
+                        y = layer(x.detach().requires_grad_(True))
+                        y.backward(torch.ones_like(y))
+            except RuntimeError as exc:
+                error = str(exc).splitlines()[0]
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+            rows.append(
+                {"kernels": kernels, "layout": layout, "calls": 20, "sync_free": not error, "error": error}
+            )
+    return rows
+
+
+# -- 2 ranks on one GPU -----------------------------------------------------------------------------
+def two_ranks_worker(smoke: bool) -> None:
+    from megdet_hpc import distributed
+    from megdet_hpc.launch.local import write_report
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    sizes = Sizes(smoke)
+    comm = distributed.init()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    shapes = [(1, *s[1:]) for s in bn_shapes(*sizes.bn_hw)]  # 2 ranks x 1 image = the 2-image batch
+    gen = torch.Generator().manual_seed(comm.rank)
+    xs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    cg = [CrossGPUBatchNorm2d(s[1], comm=comm).to(device) for s in shapes]
+    sbn = [nn.SyncBatchNorm(s[1]).to(device) for s in shapes]
+
+    def run(mods: list[nn.Module]) -> None:
+        for m, x, g in zip(mods, xs, gs):
+            m(x.detach().requires_grad_(True)).backward(g)
+
+    contenders = {"CGBN": lambda: run(cg), "torch.nn.SyncBatchNorm": lambda: run(sbn)}
+    if device.type == "cpu":  # SyncBatchNorm refuses CPU tensors: the smoke run times CGBN only
+        contenders.pop("torch.nn.SyncBatchNorm")
+    comm.barrier()
+    times = interleaved(contenders, sizes.bn_iters, sizes.blocks, sizes.warmup, device)
+    if comm.is_main:
+        write_report(
+            0,
+            {
+                "backend": comm.name,
+                "transport": os.environ.get("MEGDET_TORCH_BACKEND", ""),
+                "ms": {k: 1e3 * v for k, v in times.items()},
+            },
+        )
+    distributed.shutdown()
+
+
+def two_ranks(smoke: bool) -> list[dict]:
+    from common import collect
+
+    env = {"MEGDET_COMM": "torch", "MEGDET_TORCH_BACKEND": "gloo", "OMP_NUM_THREADS": "4"}
+    report = collect(
+        "torchrun", 2, [str(HERE), "--two-ranks-worker", *(["--smoke"] if smoke else [])], env=env
+    )
+    ms = report["ms"]
+    sbn = ms.get("torch.nn.SyncBatchNorm")
+    return [
+        {
+            "contender": k,
+            "transport": f"torch {report['transport']}",
+            "ms": v,
+            "vs_syncbn": v / sbn if sbn else None,
+        }
+        for k, v in ms.items()
+    ]
+
+
+# -- training steps -----------------------------------------------------------------------------------
+def synthetic_data(size: int) -> Path:
+    from megdet_hpc.data.synthetic import generate
+
+    return generate(
+        Path(tempfile.gettempdir()) / f"megdet-gpu-data-{size}", train=48, val=4, size=size, seed=0
+    )
+
+
+def step_overrides(sizes: Sizes, data: Path, *extra: str) -> list[str]:
+    return [
+        "model.num_classes=80",
+        f"model.min_size={sizes.image}",
+        f"model.max_size={max(sizes.image, 1333 if not sizes.smoke else 96)}",
+        "data.images_per_gpu=2",
+        "solver.total_batch=2",
+        "solver.base_batch=16",
+        "solver.warmup_iters=0",
+        "data.num_workers=2",
+        f"data.train_images={data}/train",
+        f"data.train_annotations={data}/annotations/instances_train.json",
+        f"data.val_images={data}/val",
+        f"data.val_annotations={data}/annotations/instances_val.json",
+        f"solver.amp={'off' if sizes.smoke else 'fp16'}",
+        f"train.channels_last={'false' if sizes.smoke else 'true'}",
+        *extra,
+    ]
+
+
+def plain_loop(
+    model: nn.Module, batches: Any, amp: torch.dtype | None, device: torch.device
+) -> Callable[[], None]:
+    """The loop a user writes: forward under autocast, GradScaler, SGD."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     def step() -> None:
-        with torch.autocast("cuda", enabled=amp):
+        images, targets, _ = next(batches)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
-    s = timed(step, iters)
-    return {"amp": amp, "channels_last": channels_last, "s_per_iter": s, "images_per_s": 2 / s,
-            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+    return step
 
 
-def bn_bench(iters: int) -> dict:
+def steps(sizes: Sizes, device: torch.device) -> tuple[list[dict], list[dict]]:
     import torchvision
-    from torch import nn
 
-    from megdet_hpc.distributed.env import ClusterEnvironment
-    from megdet_hpc.distributed.single import SingleProcessComm
+    from megdet_hpc.config import load_config
+    from megdet_hpc.data.loader import build_train_loader
+    from megdet_hpc.data.prefetch import DevicePrefetcher
     from megdet_hpc.layers import CrossGPUBatchNorm2d
+    from megdet_hpc.perf.calibrate import timing_trainer
 
-    shapes: list[tuple[int, ...]] = []
-    body = torchvision.models.resnet50(weights=None).eval()
-    hooks = [m.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
-             for m in body.modules() if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
-    with torch.no_grad():
-        body(torch.zeros(2, 3, 800, 1216))
-    for h in hooks:
-        h.remove()
-    comm = SingleProcessComm(ClusterEnvironment("local", 0, 1, 0, 1))
-    xs = [torch.randn(s, device="cuda") for s in shapes]
-    gs = [torch.randn(s, device="cuda") for s in shapes]
-    bns = [nn.BatchNorm2d(s[1]).cuda() for s in shapes]
-    cgs = [CrossGPUBatchNorm2d(s[1], comm=comm).cuda() for s in shapes]
-    for m in cgs:
-        m._force_sync = True
+    data = synthetic_data(sizes.image)
+    config = REPO / "configs/megdet_r50_fpn_bs16.yaml"
+    trainers = {"Trainer.run_step": timing_trainer(config, step_overrides(sizes, data))}
+    forced = timing_trainer(config, step_overrides(sizes, data))
+    for m in forced.model.modules():
+        if isinstance(m, CrossGPUBatchNorm2d):
+            m.force_sync = True
+    trainers["Trainer.run_step, CGBN forced"] = forced
+    trainers["Trainer.run_step, nn.BatchNorm2d"] = timing_trainer(
+        config, step_overrides(sizes, data, "model.norm=bn")
+    )
+    reference = trainers["Trainer.run_step"]
+    amp = reference.amp_dtype
 
-    def run(mods) -> None:  # type: ignore[no-untyped-def]
-        for m, x, g in zip(mods, xs, gs):
-            m(x.requires_grad_(True)).backward(g)
+    def batches() -> DevicePrefetcher:  # the same image stream, through the project's loader
+        loader, _ = build_train_loader(reference.cfg, reference.train_set, 0, 1, device)
+        return DevicePrefetcher(iter(loader), device)
 
-    t_bn, t_cg = timed(lambda: run(bns), iters), timed(lambda: run(cgs), iters)
-    return {"layers": len(shapes), "bn_ms": 1e3 * t_bn, "cgbn_ms": 1e3 * t_cg, "cgbn_over_bn": t_cg / t_bn}
+    tv_cfg = load_config(config, step_overrides(sizes, data))
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=81,
+        min_size=tv_cfg.model.min_size,
+        max_size=tv_cfg.model.max_size,
+    ).to(device)
+    if tv_cfg.train.channels_last:
+        tv = tv.to(memory_format=torch.channels_last)
+    contenders: dict[str, Callable[[], None]] = {name: t.run_step for name, t in trainers.items()}
+    contenders["plain AMP loop, same model"] = plain_loop(reference.model, batches(), amp, device)
+    contenders["torchvision fasterrcnn_resnet50_fpn loop"] = plain_loop(tv, batches(), amp, device)
+    times = interleaved(contenders, sizes.step_iters, sizes.blocks, sizes.warmup, device)
+    memory = {name: peak_memory(fn, device) for name, fn in contenders.items()}
+    base = times["plain AMP loop, same model"]
+    rows = [
+        {
+            "contender": k,
+            "images": 2,
+            "s_per_iter": v,
+            "images_per_s": 2 / v,
+            "speed_vs_plain": base / v,
+            "peak_GiB": memory[k],
+        }
+        for k, v in times.items()
+    ]
+
+    # GPU defaults, one at a time, against the default configuration.
+    variants = {
+        "defaults (AMP fp16, channels_last, pinned)": [],
+        "fp32 (no AMP)": ["solver.amp=off"],
+        "AMP bf16": ["solver.amp=bf16"],
+        "no channels_last": ["train.channels_last=false"],
+        "cudnn.benchmark on": ["train.cudnn_benchmark=true"],
+        "TF32 matmul on": ["train.tf32=true"],
+        "no pinned memory": ["data.pin_memory=false"],
+    }
+    if sizes.smoke:
+        variants = dict(list(variants.items())[:2])
+    del trainers, forced, contenders
+    variant_trainers = {
+        name: timing_trainer(config, step_overrides(sizes, data, *extra)) for name, extra in variants.items()
+    }
+
+    def switched(t: Any) -> Callable[[], None]:
+        def run() -> None:  # process-wide switches follow the trainer being timed
+            torch.backends.cudnn.benchmark = t.cfg.train.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = t.cfg.train.tf32
+            t.run_step()
+
+        return run
+
+    vtimes = interleaved(
+        {n: switched(t) for n, t in variant_trainers.items()},
+        sizes.step_iters,
+        sizes.blocks,
+        sizes.warmup,
+        device,
+    )
+    vbase = vtimes["defaults (AMP fp16, channels_last, pinned)"]
+    defaults = [
+        {"variant": k, "s_per_iter": v, "images_per_s": 2 / v, "vs_defaults": v / vbase}
+        for k, v in vtimes.items()
+    ]
+    return rows, defaults
 
 
+def memory_rows(sizes: Sizes, device: torch.device) -> list[dict]:
+    from megdet_hpc.config import load_config
+    from megdet_hpc.modeling import build_model
+
+    h, w = sizes.memory_hw
+    rows = []
+    for images in sizes.memory_batches:
+        contenders: dict[str, Callable[[], None]] = {}
+        for label, places in (
+            ("none", "[]"),
+            ("ResNet stages", "[backbone]"),
+            ("stages + FPN", "[backbone,fpn]"),
+        ):
+            cfg = load_config(
+                REPO / "configs/megdet_r50_fpn_bs16.yaml",
+                [
+                    "model.num_classes=80",
+                    f"model.min_size={h}",
+                    f"model.max_size={w}",
+                    f"model.activation_checkpointing={places}",
+                ],
+            )
+            model = build_model(cfg).to(device).train()
+            gen = torch.Generator().manual_seed(images)
+            batch = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(images)]
+            targets = [
+                {
+                    "boxes": torch.tensor(
+                        [[10.0, 20.0, w / 3, h / 2], [w / 2, h / 3, w - 5, h - 5]], device=device
+                    ),
+                    "labels": torch.tensor([3, 17], device=device),
+                }
+                for _ in range(images)
+            ]
+            batches = iter(lambda b=batch, t=targets: (b, t, (0, 0)), None)
+            amp = torch.float16 if device.type == "cuda" else None
+            contenders[label] = plain_loop(model, batches, amp, device)
+        times = interleaved(contenders, max(2, sizes.step_iters // 2), sizes.blocks, sizes.warmup, device)
+        peaks = {k: peak_memory(fn, device) for k, fn in contenders.items()}
+        for k, t in times.items():
+            rows.append(
+                {
+                    "images_per_gpu": images,
+                    "checkpointing": k,
+                    "s_per_iter": t,
+                    "peak_GiB": peaks[k],
+                    "time_vs_none": t / times["none"],
+                    "memory_saved": 1 - peaks[k] / peaks["none"] if peaks["none"] == peaks["none"] else None,
+                }
+            )
+        del contenders
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -- main ---------------------------------------------------------------------------------------------
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("bench/gpu.py: error: no CUDA device", file=sys.stderr)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (checks the script itself)")
+    p.add_argument("--only", nargs="*", default=[], help="sections to run (default: all)")
+    p.add_argument("--two-ranks-worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.two_ranks_worker:
+        two_ranks_worker(a.smoke)
+        return 0
+    if not a.smoke and not torch.cuda.is_available():
+        print(
+            "bench/gpu.py: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr
+        )
         return 2
-    iters = int(os.environ.get("GPU_BENCH_ITERS", "20"))
-    torch.backends.cudnn.benchmark = True
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "steps": [train_step_bench(False, False, iters), train_step_bench(True, True, iters)],
-              "bn": bn_bench(iters)}  # fmt: skip
-    print(f"{result['device']} (torch {result['torch']}): Faster R-CNN R50-FPN, 2 images/GPU, 800x1216")
-    print(f"{'mode':<26}{'s/iter':>10}{'images/s':>10}{'peak GiB':>10}")
-    for r in result["steps"]:
-        mode = "AMP + channels_last" if r["amp"] else "fp32"
-        print(f"{mode:<26}{r['s_per_iter']:>10.4f}{r['images_per_s']:>10.2f}{r['peak_mem_GiB']:>10.2f}")
-    b = result["bn"]
-    print(f"\n{b['layers']} BN layers fwd+bwd: nn.BatchNorm2d {b['bn_ms']:.2f} ms, CGBN path {b['cgbn_ms']:.2f} ms "
-          f"(x{b['cgbn_over_bn']:.2f}, N=1 forced)")  # fmt: skip
-    text = json.dumps(result, indent=2)
-    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (REPO / "bench" / "results" / "gpu.json").write_text(text)
+    from megdet_hpc.distributed.single import SingleProcessComm
+
+    device = torch.device("cpu") if a.smoke else torch.device("cuda", 0)
+    sizes = Sizes(a.smoke)
+    comm = SingleProcessComm()
+    want = set(a.only) or {"bn", "sync_free", "two_ranks", "step", "memory"}
+    has_coco = importlib.util.find_spec("pycocotools") is not None
+    result: dict[str, Any] = {"smoke": a.smoke, "notes": []}
+    started = time.perf_counter()
+    if "bn" in want:
+        result["bn"] = bn_layers(sizes, device, comm)
+        print(
+            f"\n53 BN layers of ResNet-50, fwd+bwd, 2 images {sizes.bn_hw[0]}x{sizes.bn_hw[1]} (CGBN forced, N=1)"
+        )
+        print(
+            table(
+                result["bn"],
+                [("dtype", "dtype"), ("contender", "contender"), ("ms", "ms"), ("vs_bn", "x BN")],
+            )
+        )
+    if "sync_free" in want:
+        result["sync_free"] = sync_free(device, comm)
+        print("\nCGBN forward+backward under torch.cuda.set_sync_debug_mode('error')")
+        print(
+            table(
+                result["sync_free"],
+                [
+                    ("kernels", "kernels"),
+                    ("layout", "layout"),
+                    ("calls", "calls"),
+                    ("sync_free", "sync-free"),
+                    ("error", "error"),
+                ],
+            )
+        )
+    if "two_ranks" in want:
+        result["two_ranks"] = two_ranks(a.smoke)
+        print("\n2 ranks sharing the device, 1 image each, 53 layers fwd+bwd")
+        print(
+            table(
+                result["two_ranks"],
+                [
+                    ("contender", "contender"),
+                    ("transport", "transport"),
+                    ("ms", "ms"),
+                    ("vs_syncbn", "x SyncBN"),
+                ],
+            )
+        )
+    if "step" in want:
+        if has_coco:
+            result["step"], result["defaults"] = steps(sizes, device)
+            print(f"\nFaster R-CNN R50-FPN training step, 2 images of {sizes.image} px, the project's loader")
+            print(
+                table(
+                    result["step"],
+                    [
+                        ("contender", "contender"),
+                        ("s_per_iter", "s/iter"),
+                        ("images_per_s", "images/s"),
+                        ("speed_vs_plain", "speed vs plain"),
+                        ("peak_GiB", "peak GiB"),
+                    ],
+                )
+            )
+            print("\nGPU defaults, one change at a time")
+            print(
+                table(
+                    result["defaults"],
+                    [
+                        ("variant", "variant"),
+                        ("s_per_iter", "s/iter"),
+                        ("images_per_s", "images/s"),
+                        ("vs_defaults", "time x defaults"),
+                    ],
+                )
+            )
+        else:
+            result["notes"].append(
+                "step/defaults skipped: pycocotools not importable and no wheel folder given"
+            )
+            print(
+                "\n(step and defaults skipped: pycocotools not importable; pass WHEELS=DIR to bench/gpu.sh)"
+            )
+    if "memory" in want:
+        result["memory"] = memory_rows(sizes, device)
+        hw = sizes.memory_hw
+        print(f"\nActivation checkpointing (MegDet's sub-linear memory), plain AMP step at {hw[0]}x{hw[1]}")
+        print(
+            table(
+                result["memory"],
+                [
+                    ("images_per_gpu", "images/GPU"),
+                    ("checkpointing", "checkpointing"),
+                    ("s_per_iter", "s/iter"),
+                    ("peak_GiB", "peak GiB"),
+                    ("time_vs_none", "time x none"),
+                    ("memory_saved", "memory saved"),
+                ],
+            )
+        )
+    result["wall_s"] = time.perf_counter() - started
+    folder = Path(tempfile.mkdtemp()) if a.smoke else REPO / "bench" / "results"
+    path = write_result("gpu", result, folder)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu.json").write_text(text)
+        Path(os.environ["OUT"], "gpu.json").write_text(path.read_text())
+    if "step" in result:
+        fig, ax = new_figure((8, 3.2))
+        ax.barh([r["contender"] for r in result["step"]], [r["images_per_s"] for r in result["step"]])
+        ax.set_xlabel(f"images/s ({environment()['device']})")
+        ax.invert_yaxis()
+        savefig(fig, "gpu", folder)
+    print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
     return 0
 
 

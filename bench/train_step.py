@@ -2,7 +2,7 @@
 
 ``python bench/train_step.py`` runs, on the demo model (ResNet-18 FPN, 128 px, 2 images per rank, one
 thread per rank, the same synthetic data through the same loader):
-  * N=1, in one process: our step (``Trainer._step``: vote, sampling keys, LR, gradient sync) vs the plain
+  * N=1, in one process: our step (``Trainer.run_step``: vote, sampling keys, LR, gradient sync) vs the plain
     torchvision loop (``model(images, targets)`` -> sum -> backward -> SGD step), interleaved blocks;
   * N=2 under ``horovodrun --mpi`` (Horovod: overlapped DistributedOptimizer, CGBN statistics through
     Horovod) and under ``mpirun`` (mpi backend: mpi4py statistics, in-place gradient allreduce after
@@ -14,48 +14,48 @@ Prints a table, writes bench/results/train_step.json and train_step.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import new_figure, REPO, launch, savefig, summary, table, write_result  # isort: skip
+from common import REPO, collect, new_figure, savefig, summary, table, write_result
 
 HERE = Path(__file__).resolve()
 
 
-def make_trainer(norm: str, out: Path, world: int, *extra: str):  # type: ignore[no-untyped-def]
-    from megdet_hpc.config import load_config
+def make_trainer(norm: str, world: int, comm, *extra: str):  # type: ignore[no-untyped-def]
     from megdet_hpc.data.synthetic import generate
-    from megdet_hpc.engine import Trainer
+    from megdet_hpc.perf.calibrate import timing_trainer
 
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
-    cfg = load_config(REPO / "configs/demo_cpu.yaml", [
-        f"model.norm={norm}", f"train.output_dir={out}", "data.num_workers=0", "train.threads=1",
-        f"solver.total_batch={2 * world}", "train.checkpoint_period=0", "train.tensorboard=false",
-        f"data.train_images={data}/train", f"data.train_annotations={data}/annotations/instances_train.json",
+    overrides = [
+        f"model.norm={norm}",
+        "data.num_workers=0",
+        "train.threads=1",
+        f"solver.total_batch={2 * world}",
+        f"data.train_images={data}/train",
+        f"data.train_annotations={data}/annotations/instances_train.json",
         *extra,
-    ])  # fmt: skip
-    return Trainer(cfg, resume=False)
+    ]
+    return timing_trainer(REPO / "configs/demo_cpu.yaml", overrides, comm)
 
 
-def worker(out: Path, iters: int, blocks: int) -> None:
+def worker(iters: int, blocks: int) -> None:
     import torch
 
     from megdet_hpc import distributed
+    from megdet_hpc.data.prefetch import DevicePrefetcher
+    from megdet_hpc.launch.local import write_report
 
     comm = distributed.init()
-    tmp = Path(tempfile.mkdtemp())
     samples: dict[str, list[float]] = {}
 
-    def step(trainer, it) -> None:  # type: ignore[no-untyped-def]
-        _, _, skipped, _ = trainer.train_step(it)
-        assert not skipped, "non-finite step: the timing would not be a training step"
+    def step(trainer) -> None:  # type: ignore[no-untyped-def]
+        assert not trainer.run_step().skipped, "non-finite step: the timing would not be a training step"
 
     if comm.size == 1:
-        trainer = make_trainer("cgbn", tmp / "a", 1)
-        data = iter(trainer.loader)
+        trainer = make_trainer("cgbn", 1, comm)
+        data = DevicePrefetcher(iter(trainer.loader), trainer.device)
         # Same model, same data stream, same SGD hyper-parameters; the LR follows the same warmup.
         plain_opt = torch.optim.SGD(trainer.model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
@@ -68,18 +68,17 @@ def worker(out: Path, iters: int, blocks: int) -> None:
             sum(losses.values()).backward()
             plain_opt.step()
 
-        contenders = {"plain torchvision loop": plain, "megdet_hpc step": lambda: step(trainer, data)}
+        contenders = {"plain torchvision loop": plain, "megdet_hpc step": lambda: step(trainer)}
     else:
-        cg = make_trainer("cgbn", tmp / "cg", comm.size)
-        bn = make_trainer("bn", tmp / "bn", comm.size)
-        it_cg, it_bn = iter(cg.loader), iter(bn.loader)
-
-        contenders = {"megdet_hpc step, CGBN": lambda: step(cg, it_cg),
-                      "megdet_hpc step, local BN": lambda: step(bn, it_bn)}  # fmt: skip
+        cg = make_trainer("cgbn", comm.size, comm)
+        bn = make_trainer("bn", comm.size, comm)
+        contenders = {
+            "megdet_hpc step, CGBN": lambda: step(cg),
+            "megdet_hpc step, local BN": lambda: step(bn),
+        }
         if comm.name == "horovod":
-            fp16 = make_trainer("cgbn", tmp / "fp16", comm.size, "solver.fp16_compression=true")
-            it_fp16 = iter(fp16.loader)
-            contenders["megdet_hpc step, CGBN + fp16 gradients"] = lambda: step(fp16, it_fp16)
+            fp16 = make_trainer("cgbn", comm.size, comm, "solver.fp16_compression=true")
+            contenders["megdet_hpc step, CGBN + fp16 gradients"] = lambda: step(fp16)
     for fn in contenders.values():  # warm-up
         for _ in range(3):
             fn()
@@ -91,9 +90,16 @@ def worker(out: Path, iters: int, blocks: int) -> None:
                 fn()
             samples.setdefault(name, []).append((time.perf_counter() - t0) / iters)
     if comm.rank == 0:
-        out.write_text(json.dumps({"world": comm.size, "comm": comm.name, "stats_comm": distributed.stats_comm().name,
-                                   "gradient_path": cg.sync.describe() if comm.size > 1 else "",
-                                   "s_per_iter": {k: summary(v) for k, v in samples.items()}}))  # fmt: skip
+        write_report(
+            0,
+            {
+                "world": comm.size,
+                "comm": comm.name,
+                "stats_comm": distributed.stats_comm().name,
+                "gradient_path": cg.sync.describe() if comm.size > 1 else "",
+                "s_per_iter": {k: summary(v) for k, v in samples.items()},
+            },
+        )
     distributed.shutdown()
 
 
@@ -101,25 +107,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=10, help="iterations per timed block")
     p.add_argument("--blocks", type=int, default=6)
-    p.add_argument("--worker", type=Path)
+    p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker(a.worker, a.iters, a.blocks)
+        worker(a.iters, a.blocks)
         return 0
-    tmp = HERE.parent / "results" / "train_step_tmp.json"
     runs = {}
     for launcher, n in (("single", 1), ("hvd-mpi", 2), ("mpirun", 2)):
-        launch(
-            launcher, n, [str(HERE), "--worker", str(tmp), "--iters", str(a.iters), "--blocks", str(a.blocks)]
+        runs[launcher] = collect(
+            launcher, n, [str(HERE), "--worker", "--iters", str(a.iters), "--blocks", str(a.blocks)]
         )
-        runs[launcher] = json.loads(tmp.read_text())
-    tmp.unlink(missing_ok=True)
     rows = []
     for launcher, r in runs.items():
         n = r["world"]
         for name, s in r["s_per_iter"].items():
-            rows.append({"launcher": launcher, "N": n, "contender": name, "s_per_iter": s["median"],
-                         "images_per_s": 2 * n / s["median"], "spread": f"{s['p25']:.3f}-{s['p75']:.3f}"})  # fmt: skip
+            rows.append(
+                {
+                    "launcher": launcher,
+                    "N": n,
+                    "contender": name,
+                    "s_per_iter": s["median"],
+                    "images_per_s": 2 * n / s["median"],
+                    "spread": f"{s['p25']:.3f}-{s['p75']:.3f}",
+                }
+            )
     one = runs["single"]["s_per_iter"]
     ratio_plain = one["plain torchvision loop"]["median"] / one["megdet_hpc step"]["median"]
 
@@ -131,14 +142,31 @@ def main() -> int:
         two = runs[launcher]["s_per_iter"]
         return two["megdet_hpc step, CGBN"]["median"] / two["megdet_hpc step, local BN"]["median"] - 1
 
-    per_launcher = {launcher: {"comm": runs[launcher]["comm"], "gradient_path": runs[launcher]["gradient_path"],
-                               "weak_scaling_efficiency": weak(launcher), "cgbn_overhead": overhead(launcher)}
-                    for launcher in ("hvd-mpi", "mpirun")}  # fmt: skip
+    per_launcher = {
+        launcher: {
+            "comm": runs[launcher]["comm"],
+            "gradient_path": runs[launcher]["gradient_path"],
+            "weak_scaling_efficiency": weak(launcher),
+            "cgbn_overhead": overhead(launcher),
+        }
+        for launcher in ("hvd-mpi", "mpirun")
+    }
     per_launcher["hvd-mpi"]["weak_scaling_efficiency_fp16"] = weak(
         "hvd-mpi", "megdet_hpc step, CGBN + fp16 gradients"
     )
-    print(table(rows, [("launcher", "launcher"), ("N", "N"), ("contender", "contender"),
-                       ("s_per_iter", "s/iter (median)"), ("spread", "p25-p75"), ("images_per_s", "images/s")]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                ("launcher", "launcher"),
+                ("N", "N"),
+                ("contender", "contender"),
+                ("s_per_iter", "s/iter (median)"),
+                ("spread", "p25-p75"),
+                ("images_per_s", "images/s"),
+            ],
+        )
+    )
     print(f"\nour step vs plain loop (throughput ratio, N=1): {ratio_plain:.3f}  (target >= 1.0)")
     for launcher, r in per_launcher.items():
         print(f"{launcher} ({r['comm']}; {r['gradient_path']}):")
@@ -149,8 +177,9 @@ def main() -> int:
     print(
         f"  (hvd-mpi with Horovod fp16 gradient compression: {per_launcher['hvd-mpi']['weak_scaling_efficiency_fp16']:.3f})"
     )
-    path = write_result("train_step", {"rows": rows, "ours_vs_plain": ratio_plain, "per_launcher": per_launcher,
-                                       "runs": runs})  # fmt: skip
+    path = write_result(
+        "train_step", {"rows": rows, "ours_vs_plain": ratio_plain, "per_launcher": per_launcher, "runs": runs}
+    )
     fig, ax = new_figure((8, 3.5))
     ax.barh(
         [f"{r['launcher']} N={r['N']}: {r['contender']}" for r in rows], [r["images_per_s"] for r in rows]

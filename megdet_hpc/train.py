@@ -1,25 +1,34 @@
-"""``python -m megdet_hpc.train --config configs/X.yaml [section.key=value ...]``
+"""``python -m megdet_hpc.train [--config configs/X.yaml] [section.key=value ...]``
 
 Runs on 1 process, or under ``horovodrun -np N``, ``mpirun -np N``, ``srun`` or ``torchrun``: the
-launcher is detected (``megdet_hpc.distributed.env``).  Resumes automatically from the newest valid checkpoint
-in ``train.output_dir`` (``--no-resume`` starts fresh without deleting anything, ``--resume-from PATH``
-picks one).  Exit codes: 0 done, 2 bad input, 3 checkpointed after a preemption signal, 4 aborted on
+launcher is detected (``megdet_hpc.launch.environment``).  Without ``--config`` the config is chosen as
+the sbatch scripts choose theirs, by the total batch of this job (world size x 2 images): the MegDet
+256-image config for 128 processes, the 16-image baseline otherwise, its schedule rescaled in images.
+
+Resumes automatically from the newest usable checkpoint in ``train.output_dir``; ``--no-resume``
+starts fresh after moving the earlier run into ``archive/<time>/`` (nothing is deleted or
+overwritten); ``--resume-from PATH`` picks one.  One training per output directory (an OS lock).
+Exit codes: 0 done, 1 bug, 2 bad input, 3 checkpointed after a preemption signal, 4 aborted on
 non-finite losses.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
 
-from megdet_hpc.cli import run_cli
+from megdet_hpc.utils.cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, run_cli
+
+DEFAULT_IMAGES_PER_GPU = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megdet_hpc.train", description="Train a MegDet detector")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="megdet_hpc.train", description="Train a MegDet detector")
+    p.add_argument("--config", help="YAML config (default: chosen by the job's total batch, see configs/)")
+    p.add_argument(
+        "--no-resume", action="store_true", help="archive an earlier run in the output dir, start fresh"
+    )
     p.add_argument("--resume-from", type=Path, help="resume from this checkpoint file")
     p.add_argument("--total-batch", type=int, help="rescale the schedule (in images) to this total batch")
     p.add_argument("--eval-only", action="store_true", help="evaluate the resumed/loaded model and exit")
@@ -28,26 +37,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse(argv)
 
     def _run() -> int:
         from megdet_hpc import distributed
-        from megdet_hpc.config import ConfigError, load_config, scale_to_total_batch
+        from megdet_hpc.checkpoint import CheckpointError
+        from megdet_hpc.config import ConfigError, default_config_for, load_config, scale_to_total_batch
         from megdet_hpc.engine import Trainer
-        from megdet_hpc.utils_logging import setup_logging
+        from megdet_hpc.launch.environment import detect
+        from megdet_hpc.utils.logger import setup_logging
 
-        cfg = load_config(args.config, args.opts)
-        if args.total_batch:
-            scale_to_total_batch(cfg, args.total_batch)
         if args.no_resume and args.resume_from:
             raise ConfigError("--no-resume and --resume-from contradict each other")
+        config = args.config
+        total = args.total_batch
+        if config is None:
+            total = total or detect().size * DEFAULT_IMAGES_PER_GPU
+            config = str(default_config_for(total))
+        cfg = load_config(config, args.opts)
+        if total is not None:
+            cfg = scale_to_total_batch(cfg, total)
         comm = distributed.init()
-        setup_logging(comm.rank, Path(cfg.train.output_dir))
         try:
-            trainer = Trainer(cfg, resume=not args.no_resume, resume_from=args.resume_from)
+            trainer = Trainer(cfg, comm)
+            trainer.open_output_dir(fresh=args.no_resume)
+            setup_logging(comm.rank, Path(cfg.train.output_dir))
+            log = logging.getLogger("megdet_hpc")
+            if comm.is_main and trainer.archived_to is not None:
+                log.warning("--no-resume: moved the previous run's files to %s", trainer.archived_to)
+            if args.config is None and comm.is_main:
+                log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
+            checkpoint = trainer.resume_or_load(resume=not args.no_resume, resume_from=args.resume_from)
             if args.eval_only:
-                trainer.run_eval()
-                return 0
+                try:
+                    if checkpoint is None and not cfg.model.weights:
+                        raise CheckpointError(
+                            f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} "
+                            "and no model.weights)"
+                        )
+                    return EXIT_OK if trainer.run_eval() is not None else EXIT_PREEMPTED
+                finally:
+                    trainer.checkpointer.close()
             return trainer.train()
         finally:
             distributed.shutdown()

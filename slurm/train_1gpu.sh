@@ -1,6 +1,6 @@
 #!/bin/bash
 # train_1gpu.sh: 1 GPU(s)
-# Regenerate with: make slurm-scripts (or python -m megdet_hpc.slurm ...); do not edit by hand.
+# Regenerate with: make slurm-scripts (or python -m megdet_hpc.launch sbatch ...); do not edit by hand.
 #SBATCH --job-name=megdet-1gpu
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -10,8 +10,8 @@
 #SBATCH --requeue
 #SBATCH --signal=USR2@120
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
-#SBATCH --error=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
+#SBATCH --error=%x-%j.out
 #
 # 1 task(s) = 1 node(s) x 1 GPU(s), 2 image(s) each: total batch 2; the LR
 # follows the linear scaling rule from the config's base_lr/base_batch, and the schedule is rescaled

@@ -1,4 +1,4 @@
-"""Run a Python script under a real launcher and return the completed process.
+"""Run a Python program under a real launcher from the repository root (``megdet_hpc.launch.local``).
 
 Every multi-process test goes through here so the command lines are the ones users type:
 ``horovodrun -np N -H localhost:N --gloo|--mpi``, ``mpirun --oversubscribe -np N`` and
@@ -10,17 +10,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from megdet_hpc.launch.local import COMM_OF, local_command, local_env
+from megdet_hpc.launch.local import local_command, run_and_collect
+from megdet_hpc.launch.local import run as _run
 
 REPO = Path(__file__).resolve().parent.parent
+command = local_command
 
-
-def command(launcher: str, nproc: int, argv: list[str]) -> list[str]:
-    return local_command(launcher, nproc, argv)
-
-
-def comm_for(launcher: str) -> str:
-    return COMM_OF[launcher]
+__all__ = ["REPO", "collect", "command", "run"]
 
 
 def run(
@@ -31,17 +27,13 @@ def run(
     timeout: float = 300,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        command(launcher, nproc, argv),
-        cwd=REPO,
-        env=local_env(launcher, env, pythonpath=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{launcher} -np {nproc} {' '.join(argv)} exited {proc.returncode}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
-        )
-    return proc
+    return _run(launcher, nproc, argv, env=env, cwd=REPO, pythonpath=str(REPO), timeout=timeout, check=check)
+
+
+def collect(
+    launcher: str, nproc: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 300
+):
+    """``run`` a program that calls ``write_report`` on its ranks; returns the reports by rank."""
+    return run_and_collect(
+        launcher, nproc, argv, env=env, cwd=REPO, pythonpath=str(REPO), timeout=timeout
+    ).reports

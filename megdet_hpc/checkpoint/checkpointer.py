@@ -1,10 +1,16 @@
-"""Periodic, optionally background, checkpointing and resume with fallback.
+"""Periodic, optionally background, checkpointing and resume with fallback, for one output directory.
 
-Rank 0 writes; every rank takes part in gathering RNG states (one object allgather).  Background
-mode snapshots the state to CPU on the training thread (the only stall) and writes on a worker thread;
-at most one save is in flight.  Resume picks the newest *valid* checkpoint (pointer first): rank 0
-verifies checksums and falls back past corrupt or truncated files with a warning, then tells every
-rank which file to read.
+Rank 0 is the only writer, and ``open`` makes it the only writer of the directory across jobs too (an
+OS lock, ``checkpoint/lock.py``), then removes temporaries of dead writers.  Background mode snapshots
+the state to CPU on the training thread (the only stall) and writes on a worker thread; at most one
+save is in flight and a failed one is reported at the next step (``raise_if_failed``), naming the
+save's iteration and the OS error.
+
+Resume picks the newest *usable* checkpoint (pointer first): rank 0 verifies checksums (or, for a file
+copied without its manifest, that it loads) and falls back past corrupt or truncated files with a
+warning.  When checkpoint files exist but none can be used, that is an error naming them -- training
+from scratch over them would silently discard (and later overwrite) the run.  Every rank then reads
+the same file.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import torch
 
 from megdet_hpc.checkpoint.io import (
     NAME_RE,
-    POINTER,
     CheckpointError,
     candidates,
     load_file,
@@ -27,9 +32,11 @@ from megdet_hpc.checkpoint.io import (
     verify,
     write_checkpoint,
 )
+from megdet_hpc.checkpoint.lock import LOCK_NAME, OutputDirLock
 from megdet_hpc.distributed import Comm
 
 log = logging.getLogger("megdet_hpc.checkpoint")
+ARCHIVE = "archive"
 
 
 def snapshot(obj: Any) -> Any:
@@ -43,25 +50,85 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
+def collective_check(comm: Comm, action: Any) -> Any:
+    """Run ``action`` on rank 0; its ``UserError``/``OSError`` becomes a ``CheckpointError`` on every
+    rank (a rank-0-only failure must not leave the others waiting in the next collective)."""
+    result: Any = None
+    error: str | None = None
+    if comm.is_main:
+        try:
+            result = action()
+        except CheckpointError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}".lstrip(": ")
+    result, error = comm.broadcast_object((result, error), root=0)
+    if error:
+        raise CheckpointError(error)
+    return result
+
+
 class Checkpointer:
     def __init__(self, folder: Path, comm: Comm, keep: int = 3, background: bool = True) -> None:
         self.folder = Path(folder)
         self.comm = comm
         self.keep = keep
         self.background = background
+        self.lock = OutputDirLock(self.folder)
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[int, BaseException] | None = None
+        self.last_saved_iteration: int | None = None
         self.last_stall_s = 0.0
         self.last_write_s = 0.0
-        if comm.is_main:
+
+    # -- the directory ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Collective.  Create the directory, check it is writable, take its lock (one writer),
+        remove temporaries of dead writers."""
+        collective_check(self.comm, self._open)
+
+    def _open(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"train.output_dir {self.folder} exists and is not a directory")
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            stale = remove_stale_temporaries(self.folder)
-            if stale:
-                log.warning("removed %d temporary file(s) of an interrupted checkpoint save", stale)
+            self.lock.acquire()
+        except PermissionError as exc:
+            raise CheckpointError(f"train.output_dir {self.folder} is not writable ({exc.strerror})") from exc
+        except OSError as exc:
+            raise CheckpointError(f"train.output_dir {self.folder}: {exc.strerror or exc}") from exc
+        stale = remove_stale_temporaries(self.folder)
+        if stale:
+            log.warning("removed %d temporary file(s) of an interrupted checkpoint save", stale)
+
+    def close(self) -> None:
+        self.wait()
+        self.lock.release()
+
+    def archive_previous_run(self) -> Path | None:
+        """Collective.  ``--no-resume``: move *everything* an earlier run left here (checkpoints,
+        pointer, metrics, logs, TensorBoard, evaluations, plots) into ``archive/<time>/``, so a fresh
+        start neither resumes from nor appends to nor overwrites any of it."""
+        return collective_check(self.comm, self._archive)
+
+    def _archive(self) -> Path | None:
+        names = [p for p in self.folder.iterdir() if p.name not in (ARCHIVE, LOCK_NAME)]
+        if not names:
+            return None
+        moved = self.folder / ARCHIVE / time.strftime("%Y%m%d-%H%M%S")
+        suffix = 1
+        while moved.exists():
+            moved = moved.with_name(f"{moved.name.split('.')[0]}.{suffix}")
+            suffix += 1
+        moved.mkdir(parents=True)
+        for p in names:
+            p.rename(moved / p.name)
+        return moved
 
     # -- saving -----------------------------------------------------------------------------------
     def save(self, iteration: int, state: dict[str, Any], meta: dict[str, Any], block: bool = False) -> None:
         """Collective: call on every rank.  ``state`` must already hold the gathered RNG states."""
+        self.last_saved_iteration = iteration
         if not self.comm.is_main:
             return
         start = time.perf_counter()
@@ -81,17 +148,22 @@ class Checkpointer:
         try:
             path = write_checkpoint(self.folder, iteration, state, meta)
             self._prune(keep_name=path.name)
-        except BaseException as exc:  # re-raised on the training thread by wait()
-            self._error = exc
+        except BaseException as exc:  # re-raised on the training thread by wait()/raise_if_failed()
+            self._error = (iteration, exc)
         self.last_write_s = time.perf_counter() - start
+
+    def raise_if_failed(self) -> None:
+        """Report a background save that already failed (cheap: no waiting)."""
+        if self._error is not None and (self._thread is None or not self._thread.is_alive()):
+            self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
-            err, self._error = self._error, None
-            raise CheckpointError(f"checkpoint save failed: {err}") from err
+            (iteration, err), self._error = self._error, None
+            raise CheckpointError(f"checkpoint save at iteration {iteration} failed: {err}") from err
 
     def _prune(self, keep_name: str) -> None:
         found = sorted(
@@ -103,53 +175,36 @@ class Checkpointer:
                 old.unlink(missing_ok=True)
                 old.with_suffix(".json").unlink(missing_ok=True)
 
-    def archive_previous_run(self) -> Path | None:
-        """``--no-resume``: move an earlier run's checkpoints, pointer and metrics into
-        ``archive/<time>/`` (rank 0) so a fresh start neither resumes from nor overwrites them."""
-        moved: Path | None = None
-        if self.comm.is_main and self.folder.is_dir():
-            names = [p for p in self.folder.iterdir()
-                     if NAME_RE.match(p.name) or p.name in (POINTER, "metrics.jsonl")
-                     or (p.suffix == ".json" and NAME_RE.match(p.with_suffix(".pth").name))]  # fmt: skip
-            if names:
-                moved = self.folder / "archive" / time.strftime("%Y%m%d-%H%M%S")
-                moved.mkdir(parents=True, exist_ok=False)
-                for p in names:
-                    p.rename(moved / p.name)
-                log.warning("--no-resume: moved the previous run's %d file(s) to %s", len(names), moved)
-        self.comm.barrier()
-        return moved
-
     # -- resuming ---------------------------------------------------------------------------------
     def find_valid(self, explicit: Path | None = None) -> Path | None:
-        """Rank 0 chooses the checkpoint (verifying it), every rank gets the same answer."""
-        choice: str | None = None
-        error: str | None = None
-        if self.comm.is_main:
-            if explicit is not None:
-                try:
-                    if explicit.with_suffix(".json").exists():
-                        verify(explicit)
-                    load_file(explicit, check=False)
-                    choice = str(explicit)
-                except CheckpointError as exc:
-                    error = str(exc)
-            else:
-                for path in candidates(self.folder):
-                    try:
-                        verify(path)
-                        choice = str(path)
-                        break
-                    except CheckpointError as exc:
-                        log.warning("skipping checkpoint: %s; falling back to an older one", exc)
-        choice, error = self.comm.broadcast_object((choice, error), root=0)
-        if error:
-            raise CheckpointError(error)
-        return Path(choice) if choice else None
+        """Collective.  Rank 0 chooses the checkpoint (verifying it); every rank gets the same answer."""
+        return collective_check(self.comm, lambda: self._choose(explicit))
+
+    def _choose(self, explicit: Path | None) -> Path | None:
+        if explicit is not None:
+            if explicit.with_suffix(".json").exists():
+                verify(explicit)
+            load_file(explicit, check=False)
+            return explicit
+        problems = []
+        for path in candidates(self.folder):
+            try:
+                manifest = verify(path)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint: %s; falling back to an older one", exc)
+                problems.append(str(exc))
+                continue
+            if not manifest.get("manifest", True):
+                log.warning(
+                    "%s has no manifest (copied from another run?); it loads, so resuming from it", path.name
+                )
+            return path
+        if problems:
+            raise CheckpointError(
+                f"none of the {len(problems)} checkpoint(s) in {self.folder} can be used (newest: {problems[0]}); "
+                "repair or remove them, or pass --no-resume to archive them and start fresh"
+            )
+        return None
 
     def load(self, path: Path) -> dict[str, Any]:
         return load_file(path, check=False)
-
-    @property
-    def pointer(self) -> Path:
-        return self.folder / POINTER

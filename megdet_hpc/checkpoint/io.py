@@ -5,25 +5,34 @@ fsync'ed, renamed into place, then its manifest ``model_0001234.json`` (size + s
 same way, and only then is the ``last_checkpoint`` pointer replaced atomically.  A writer killed at any
 point leaves the previous checkpoint and pointer intact; a truncated or corrupted file fails its
 checksum and the loader falls back to the previous one.  Files are read with
-``torch.load(weights_only=True)``: a checkpoint cannot run code.
+``torch.load(weights_only=True)``: a checkpoint cannot run code.  A checkpoint copied without its
+manifest (how runs are forked) is still a checkpoint: it is used if it loads.
+
+Temporary names carry the writer's host and pid (``.model_0001234.pth.tmp-host-pid``) so that a
+leftover can be told from a live writer's file.  Write errors are reported in the OS's words with the
+path ("no space left on device"): ``torch.save`` itself would only say "unexpected pos".
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megdet_hpc.utils.errors import UserError
+
 POINTER = "last_checkpoint"
 NAME_RE = re.compile(r"^model_(\d{7,})\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
@@ -39,14 +48,55 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TMP_RE = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+class _RecordingFile:
+    """A file object that remembers the first OSError of a write (torch.save hides it)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _os_message(exc: OSError, path: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device writing {path}"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
 def _atomic_write_bytes(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with open(tmp, "wb") as raw:
+            fh = _RecordingFile(raw)
+            try:
+                write(fh)
+                fh.flush()
+                os.fsync(raw.fileno())
+            except OSError as exc:
+                raise CheckpointError(_os_message(exc, path)) from exc
+            except Exception as exc:
+                if fh.error is not None:
+                    raise CheckpointError(_os_message(fh.error, path)) from exc
+                raise
         os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(_os_message(exc, path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -73,12 +123,16 @@ def write_checkpoint(folder: Path, iteration: int, state: dict[str, Any], meta: 
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """Check the manifest's size and checksum; returns the manifest or raises CheckpointError."""
+    """Check the manifest's size and checksum; returns the manifest or raises CheckpointError.
+
+    Without a manifest the file must load (``weights_only``) as a megdet_hpc checkpoint.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     manifest_path = path.with_suffix(".json")
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path.name}: manifest {manifest_path.name} missing (incomplete save?)")
+        state = load_file(path, check=False)
+        return {"file": path.name, "iteration": state.get("iteration"), "manifest": False}
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, OSError) as exc:
@@ -91,15 +145,32 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with a one-line reason when it fails (torch's own message
+    recommends turning the protection off; ours does not)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: cannot be loaded: it is a directory")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: cannot be loaded: no such file") from exc
+    except Exception as exc:
+        text = str(exc).strip()
+        if "Weights only load failed" in text:
+            reason = (
+                "it holds objects other than tensors and plain data (refused: loading them could run code)"
+            )
+        else:
+            first = text.splitlines()[0][:120] if text else ""
+            reason = f"not a readable PyTorch file ({type(exc).__name__}: {first})"
+        raise CheckpointError(f"{path.name}: cannot be loaded: {reason}") from exc
+
+
 def load_file(path: Path, check: bool = True) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only); verify its manifest first when it has one."""
     if check and path.with_suffix(".json").exists():
         verify(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{path.name}: cannot be loaded ({type(exc).__name__}: {first[:200]})") from exc
+    state = safe_load(path)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path.name}: not a megdet_hpc checkpoint (no 'model' entry)")
     return state
@@ -123,11 +194,34 @@ def candidates(folder: Path) -> list[Path]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: Path) -> int:
-    """Temp files of writers that were killed mid-save (never loaded, safe to delete)."""
+    """Temp files of writers that were killed mid-save (never loaded, safe to delete).
+
+    Call only while holding the directory's lock: then no other training writes here.  A temp file of a
+    process that is still alive on this host (an evaluation, a tool) is left alone all the same.
+    """
     count = 0
+    here = socket.gethostname()
     if folder.is_dir():
         for p in folder.glob(".*.tmp-*"):
+            match = TMP_RE.match(p.name)
+            if (
+                match
+                and match["host"] == here
+                and _alive(int(match["pid"]))
+                and int(match["pid"]) != os.getpid()
+            ):
+                continue
             p.unlink(missing_ok=True)
             count += 1
     return count

@@ -1,47 +1,130 @@
 """Load, merge, override and validate configs.
 
-YAML files may inherit with ``_base_: other.yaml`` (relative path); command-line overrides are
-``section.key=value`` with YAML-typed values (``solver.steps=[100,200]``).  Every problem is a
-``ConfigError`` with a one-line message naming the key.
+YAML files may inherit with ``_base_: other.yaml`` (relative to the file); command-line overrides are
+``section.key=value``.  Every problem is a ``ConfigError`` with a one-line message naming the key.
+
+Two YAML surprises are removed on purpose:
+* scalars follow YAML 1.2: ``1e-4`` is a number, ``0123`` is 123 (not octal 83), ``yes``/``on`` and
+  ``2024-01-01`` are strings;
+* an override of a string-typed key is taken literally (``train.output_dir=/runs/exp #2`` is that
+  path; YAML would have read `` #2`` as a comment and trained in ``/runs/exp``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import types
+import math
+import re
+import signal
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from megdet_hpc.config.schema import Config
+from megdet_hpc.utils.errors import UserError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("cgbn", "bn", "frozen")
 CGBN_PLACES = ("backbone", "fpn", "box_head")
+CHECKPOINT_PLACES = ("backbone", "fpn")
 GRAD_SYNCS = ("auto", "overlap", "after_backward")
+AMP_MODES = ("off", "fp16", "bf16")
+FPN_LEVELS = 5  # torchvision's ResNet-FPN: 4 stages + the max-pool level, one anchor size each
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration, with a one-line message naming the key."""
 
 
+# -- YAML with YAML 1.2 scalars -------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_REPLACED = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp")}
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in found if r[0] not in _REPLACED]
+    for first, found in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if text.startswith(("0o", "0x")):
+        return int(text, 0)
+    return int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# -- files ----------------------------------------------------------------------------------------
+def bundled_configs() -> Path:
+    """The configs shipped inside the package (the repository's ``configs/``)."""
+    return Path(str(resources.files("megdet_hpc") / "configs"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` if it exists, else the bundled config of that name (a wheel install has no checkout)."""
+    given = Path(path)
+    if given.exists():
+        return given
+    bundled = bundled_configs() / given.name
+    if given.parent in (Path("."), Path("configs")) and bundled.is_file():
+        return bundled
+    return given
+
+
+def default_config_for(total_batch: int) -> Path:
+    """The config a launch without ``--config`` uses, chosen like the sbatch scripts choose theirs:
+    the MegDet 256-image config for a total batch of 256, the 16-image baseline otherwise (its
+    schedule is then rescaled in images to the actual batch)."""
+    name = "megdet_r50_fpn_bs256.yaml" if total_batch == 256 else "megdet_r50_fpn_bs16.yaml"
+    return bundled_configs() / name
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    import yaml
-
     if path.resolve() in seen:
         raise ConfigError(f"config inheritance loop through {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("_base_", None)
     if base is None:
         return data
-    merged = _read_yaml((path.parent / base), (*seen, path.resolve()))
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: _base_ must be a file name, got {base!r}")
+    merged = _read_yaml(path.parent / base, (*seen, path.resolve()))
     return _deep_merge(merged, data)
 
 
@@ -55,28 +138,47 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["solver.base_lr=0.01", ...]`` -> nested dict."""
-    import yaml
+# -- overrides ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    """An override's text, interpreted once its key's type is known."""
 
+    text: str
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["solver.base_lr=0.01", ...]`` -> nested dict of raw values (typed by ``from_dict``)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}") from exc
-        node = out
         parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {item!r}: empty key")
+        node = out
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _Raw(raw)
     return out
 
 
+def _parse_raw(raw: _Raw, key: str) -> Any:
+    if raw.text == "":
+        return ""
+    try:
+        return yaml_load(raw.text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw.text!r}") from exc
+
+
+# -- typing ---------------------------------------------------------------------------------------
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if isinstance(value, _Raw):
+        value = value.text if hint is str else _parse_raw(value, key)
     origin = typing.get_origin(hint)
     if origin is list:
         (inner,) = typing.get_args(hint)
@@ -84,8 +186,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -98,8 +205,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - not used by the schema yet
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")
 
@@ -130,95 +235,189 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def updated(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
+    """A new config with ``{"section": {"key": value}}`` applied (validated); ``cfg`` is unchanged."""
+    new = from_dict(_deep_merge(to_dict(cfg), changes))
+    validate(new)
+    return new
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read ``path`` (or defaults), apply overrides, validate; raises ConfigError."""
-    data = _read_yaml(Path(path)) if path else {}
+    data = _read_yaml(resolve_config_path(path)) if path else {}
     data = _deep_merge(data, parse_overrides(overrides or []))
     cfg = from_dict(data)
     validate(cfg)
     return cfg
 
 
+# -- validation -----------------------------------------------------------------------------------
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Cross-field checks.  With ``world_size`` also the batch arithmetic of this job."""
-    m, s, d, t = cfg.model, cfg.solver, cfg.data, cfg.train
-    if m.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={m.backbone!r} is not one of {', '.join(BACKBONES)}")
-    if m.norm not in NORMS:
-        raise ConfigError(f"model.norm={m.norm!r} is not one of {', '.join(NORMS)}")
+    """Every check that needs no data: types are already right, values and combinations are checked.
+    With ``world_size`` also the batch arithmetic of this job."""
+    m, s, d, t, e = cfg.model, cfg.solver, cfg.data, cfg.train, cfg.eval
+    _one_of("model.backbone", m.backbone, BACKBONES)
+    _one_of("model.norm", m.norm, NORMS)
     for place in m.cgbn_where:
-        if place not in CGBN_PLACES:
-            raise ConfigError(f"model.cgbn_where: {place!r} is not one of {', '.join(CGBN_PLACES)}")
-    if "box_head" in m.cgbn_where and m.norm == "cgbn" and m.box_head_convs <= 0:
-        raise ConfigError("model.cgbn_where has box_head but model.box_head_convs is 0 (no norm layers)")
+        _check(place in CGBN_PLACES, f"model.cgbn_where: {place!r} is not one of {', '.join(CGBN_PLACES)}")
+    for place in m.activation_checkpointing:
+        _check(
+            place in CHECKPOINT_PLACES,
+            f"model.activation_checkpointing: {place!r} is not one of {', '.join(CHECKPOINT_PLACES)}",
+        )
+    _check(
+        not ("box_head" in m.cgbn_where and m.norm == "cgbn" and m.box_head_convs <= 0),
+        "model.cgbn_where has box_head but model.box_head_convs is 0 (no norm layers)",
+    )
     positive = {
         "model.num_classes": m.num_classes,
         "model.min_size": m.min_size,
         "model.max_size": m.max_size,
+        "model.rpn_batch_size_per_image": m.rpn_batch_size_per_image,
+        "model.rpn_pre_nms_top_n_train": m.rpn_pre_nms_top_n_train,
+        "model.rpn_post_nms_top_n_train": m.rpn_post_nms_top_n_train,
+        "model.rpn_pre_nms_top_n_test": m.rpn_pre_nms_top_n_test,
+        "model.rpn_post_nms_top_n_test": m.rpn_post_nms_top_n_test,
+        "model.box_batch_size_per_image": m.box_batch_size_per_image,
+        "model.box_head_dim": m.box_head_dim,
+        "model.box_detections_per_img": m.box_detections_per_img,
         "data.images_per_gpu": d.images_per_gpu,
         "solver.base_batch": s.base_batch,
         "solver.total_batch": s.total_batch,
         "solver.grad_accum": s.grad_accum,
         "solver.max_iter": s.max_iter,
+        "solver.base_lr": s.base_lr,
+        "solver.gamma": s.gamma,
+        "solver.max_nonfinite": s.max_nonfinite,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "train.log_period": t.log_period,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    if s.base_lr <= 0:
-        raise ConfigError(f"solver.base_lr must be > 0, got {s.base_lr}")
-    if not 0 < s.warmup_factor <= 1:
-        raise ConfigError(f"solver.warmup_factor must be in (0, 1], got {s.warmup_factor}")
-    if s.warmup_iters < 0:
-        raise ConfigError(f"solver.warmup_iters must be >= 0, got {s.warmup_iters}")
-    if list(s.steps) != sorted(s.steps) or any(step <= 0 for step in s.steps):
-        raise ConfigError(f"solver.steps must be increasing positive iterations, got {s.steps}")
-    if m.bn_group_size < 0:
-        raise ConfigError(f"model.bn_group_size must be >= 0, got {m.bn_group_size}")
-    if not 0 <= d.flip_prob <= 1:
-        raise ConfigError(f"data.flip_prob must be in [0, 1], got {d.flip_prob}")
-    if s.grad_sync not in GRAD_SYNCS:
-        raise ConfigError(f"solver.grad_sync={s.grad_sync!r} is not one of {', '.join(GRAD_SYNCS)}")
-    if s.fp16_compression and s.grad_sync == "after_backward":
-        raise ConfigError(
-            "solver.fp16_compression needs solver.grad_sync=overlap or auto (Horovod's optimizer)"
+        _check(value > 0, f"{key} must be > 0, got {value}")
+    non_negative = {
+        "model.bn_group_size": m.bn_group_size,
+        "model.box_head_convs": m.box_head_convs,
+        "model.roi_sampling_ratio": m.roi_sampling_ratio,
+        "data.num_workers": d.num_workers,
+        "solver.weight_decay": s.weight_decay,
+        "solver.weight_decay_norm": s.weight_decay_norm,
+        "solver.weight_decay_bias": s.weight_decay_bias,
+        "solver.warmup_iters": s.warmup_iters,
+        "solver.clip_grad_norm": s.clip_grad_norm,
+        "train.seed": t.seed,
+        "train.threads": t.threads,
+        "train.checkpoint_period": t.checkpoint_period,
+        "train.checkpoint_minutes": t.checkpoint_minutes,
+        "train.eval_period": t.eval_period,
+        "eval.max_images": e.max_images,
+        "eval.vis_images": e.vis_images,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, f"{key} must be >= 0, got {value}")
+    _check(0 <= m.trainable_layers <= 5, f"model.trainable_layers must be in 0..5, got {m.trainable_layers}")
+    _check(
+        m.min_size <= m.max_size,
+        f"model.min_size={m.min_size} is larger than model.max_size={m.max_size}",
+    )
+    _check(
+        len(m.anchor_sizes) == FPN_LEVELS and all(a > 0 for a in m.anchor_sizes),
+        f"model.anchor_sizes needs {FPN_LEVELS} positive sizes (one per FPN level), got {m.anchor_sizes}",
+    )
+    _check(
+        bool(m.aspect_ratios) and all(r > 0 for r in m.aspect_ratios),
+        f"model.aspect_ratios must be positive, got {m.aspect_ratios}",
+    )
+    _check(
+        0 <= m.box_score_thresh <= 1, f"model.box_score_thresh must be in [0, 1], got {m.box_score_thresh}"
+    )
+    _check(0 <= d.flip_prob <= 1, f"data.flip_prob must be in [0, 1], got {d.flip_prob}")
+    _check(0 <= s.momentum < 1, f"solver.momentum must be in [0, 1), got {s.momentum}")
+    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor must be in (0, 1], got {s.warmup_factor}")
+    _check(
+        list(s.steps) == sorted(s.steps) and all(step > 0 for step in s.steps),
+        f"solver.steps must be increasing positive iterations, got {s.steps}",
+    )
+    _one_of("solver.grad_sync", s.grad_sync, GRAD_SYNCS)
+    _one_of("solver.amp", s.amp, AMP_MODES)
+    _check(
+        not (s.fp16_compression and s.grad_sync == "after_backward"),
+        "solver.fp16_compression needs solver.grad_sync=overlap or auto (Horovod's optimizer)",
+    )
+    _check(bool(t.output_dir.strip()), "train.output_dir must not be empty")
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    for name in t.requeue_signals:
+        _check(
+            isinstance(getattr(signal, name, None), signal.Signals),
+            f"train.requeue_signals: unknown signal {name!r}",
         )
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device={t.device!r} is not one of auto, cpu, cuda")
     if world_size is not None:
         per_step = world_size * d.images_per_gpu * s.grad_accum
-        if per_step != s.total_batch:
-            raise ConfigError(
-                f"solver.total_batch={s.total_batch} != world size {world_size} x data.images_per_gpu "
-                f"{d.images_per_gpu} x solver.grad_accum {s.grad_accum} = {per_step}"
-            )
-        if m.norm == "cgbn" and m.bn_group_size and world_size % m.bn_group_size:
-            raise ConfigError(
-                f"model.bn_group_size={m.bn_group_size} must divide the world size {world_size}"
-            )
+        _check(
+            per_step == s.total_batch,
+            f"solver.total_batch={s.total_batch} != world size {world_size} x data.images_per_gpu "
+            f"{d.images_per_gpu} x solver.grad_accum {s.grad_accum} = {per_step}",
+        )
+        _check(
+            not (m.norm == "cgbn" and m.bn_group_size and world_size % m.bn_group_size),
+            f"model.bn_group_size={m.bn_group_size} must divide the world size {world_size}",
+        )
 
 
 def scale_to_total_batch(cfg: Config, total: int) -> Config:
-    """Re-express the schedule for another total batch, in images (detectron2's auto_scale_workers).
+    """The config re-expressed for another total batch, in images (detectron2's auto_scale_workers).
 
     The number of images of the run, of the warmup and at each LR step stay what the config says for
     its own ``solver.total_batch``; iteration counts scale by ``old / total``.  The LR itself follows
     the linear scaling rule at run time (``LRSchedule.lr``), so it is not touched here.
     """
-    import math
-
-    s = cfg.solver
-    if total <= 0:
-        raise ConfigError(f"--total-batch must be > 0, got {total}")
+    s, t = cfg.solver, cfg.train
+    _check(total > 0, f"--total-batch must be > 0, got {total}")
     if total == s.total_batch:
         return cfg
     ratio = s.total_batch / total
-    s.max_iter = max(1, math.ceil(s.max_iter * ratio))
-    s.warmup_iters = round(s.warmup_iters * ratio)
-    s.steps = [max(1, round(step * ratio)) for step in s.steps]
-    s.total_batch = total
-    t = cfg.train
-    t.checkpoint_period = max(1, round(t.checkpoint_period * ratio)) if t.checkpoint_period else 0
-    t.eval_period = max(1, round(t.eval_period * ratio)) if t.eval_period else 0
-    validate(cfg)
-    return cfg
+    return updated(
+        cfg,
+        {
+            "solver": {
+                "max_iter": max(1, math.ceil(s.max_iter * ratio)),
+                "warmup_iters": round(s.warmup_iters * ratio),
+                "steps": [max(1, round(step * ratio)) for step in s.steps],
+                "total_batch": total,
+            },
+            "train": {
+                "checkpoint_period": max(1, round(t.checkpoint_period * ratio)) if t.checkpoint_period else 0,
+                "eval_period": max(1, round(t.eval_period * ratio)) if t.eval_period else 0,
+            },
+        },
+    )
+
+
+# Keys whose change makes a checkpoint's weights unusable (different tensors or shapes).
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "num_classes",
+    "norm",
+    "cgbn_where",
+    "box_head_convs",
+    "box_head_dim",
+    "anchor_sizes",
+    "aspect_ratios",
+)
+
+
+def architecture_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``model.key: saved -> now`` for every architecture key that differs from a checkpoint's config."""
+    old = saved.get("model", {}) if isinstance(saved, dict) else {}
+    now = to_dict(cfg)["model"]
+    return [
+        f"model.{k}: {old[k]!r} -> {now[k]!r}" for k in ARCHITECTURE_KEYS if k in old and old[k] != now[k]
+    ]

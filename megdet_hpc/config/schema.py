@@ -1,8 +1,10 @@
-"""The configuration schema: typed dataclasses with the defaults a user can override.
+"""The configuration schema: typed, frozen dataclasses with the defaults a user can override.
 
 Why dataclasses and not free-form dicts (mmdet) or yacs (detectron2): every key is declared once with
 its type and default, so unknown keys and wrong types are caught on load with a one-line error, and
-the resolved config can be stored in a checkpoint and compared on resume.
+the resolved config can be stored in a checkpoint and compared on resume.  Frozen, like detectron2's
+``cfg.freeze()``: code that needs another value builds a new config (``config.updated``) instead of
+changing one that other parts of the program hold.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     num_classes: int = 80  # foreground classes (background is added)
-    backbone_weights: str = ""  # local path to ImageNet weights for the ResNet body
+    backbone_weights: str = ""  # local torchvision ResNet state_dict (ImageNet weights) for the body
     weights: str = ""  # local path to full detector weights (state_dict or our checkpoint)
     norm: str = "cgbn"  # cgbn | bn (per-GPU BatchNorm) | frozen (FrozenBatchNorm2d)
     cgbn_where: list[str] = field(default_factory=lambda: ["backbone"])  # backbone, fpn, box_head
     bn_group_size: int = 0  # ranks sharing BN statistics; 0 = all ranks, 1 = local
     cgbn_two_pass: bool = False
+    # MegDet's sub-linear memory: recompute these parts in backward (torch.utils.checkpoint).
+    activation_checkpointing: list[str] = field(default_factory=list)  # backbone, fpn
     trainable_layers: int = 5
     min_size: int = 800
     max_size: int = 1333
@@ -39,7 +43,7 @@ class ModelConfig:
     deterministic_sampling: bool = True  # RPN/RoI sampling seeded per (step, image)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train_images: str = "datasets/coco/train2017"
     train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
@@ -49,9 +53,10 @@ class DataConfig:
     num_workers: int = 2
     flip_prob: float = 0.5
     aspect_ratio_grouping: bool = True
+    pin_memory: bool = True  # CUDA only: page-locked batches, copied ahead on a side stream
 
 
-@dataclass
+@dataclass(frozen=True)
 class SolverConfig:
     base_lr: float = 0.02  # LR for base_batch images per step (linear scaling rule)
     base_batch: int = 16
@@ -67,7 +72,7 @@ class SolverConfig:
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0 disables
-    amp: bool = False  # CUDA only
+    amp: str = "off"  # CUDA only: off | fp16 (with GradScaler) | bf16 (no scaler)
     fp16_compression: bool = False  # Horovod gradient compression (overlapped path only)
     # How gradients are averaged: "overlap" = during backward (hvd.DistributedOptimizer / DDP hooks),
     # "after_backward" = one coalesced allreduce after the last backward (the only path of the mpi
@@ -76,7 +81,7 @@ class SolverConfig:
     max_nonfinite: int = 3  # consecutive non-finite losses before aborting
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "output/megdet"
     seed: int = 0
@@ -90,17 +95,21 @@ class TrainConfig:
     eval_period: int = 0  # iterations; 0 = only at the end
     eval_at_end: bool = True
     channels_last: bool = False
+    cudnn_benchmark: bool = False  # CUDA: autotune conv algorithms per input shape
+    tf32: bool = False  # CUDA: TF32 for fp32 matmuls (convolutions use torch's own default)
+    deterministic: bool = False  # CUDA: deterministic cuDNN algorithms (exactness tests, debugging)
     requeue_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     requeue: bool = True  # under Slurm, scontrol requeue after a signal checkpoint
     tensorboard: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     max_images: int = 0  # 0 = the whole val set
+    vis_images: int = 8  # validation images drawn with predictions after the final evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

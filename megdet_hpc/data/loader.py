@@ -47,8 +47,9 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, lis
 
 
 def build_train_dataset(cfg: Config) -> CocoDetection:
-    return CocoDetection(cfg.data.train_images, cfg.data.train_annotations, train=True,
-                         flip_prob=cfg.data.flip_prob)  # fmt: skip
+    return CocoDetection(
+        cfg.data.train_images, cfg.data.train_annotations, train=True, flip_prob=cfg.data.flip_prob
+    )
 
 
 def build_val_dataset(cfg: Config) -> CocoDetection:
@@ -56,8 +57,10 @@ def build_val_dataset(cfg: Config) -> CocoDetection:
 
 
 def build_train_loader(
-    cfg: Config, dataset: CocoDetection, rank: int, world: int
+    cfg: Config, dataset: CocoDetection, rank: int, world: int, device: torch.device
 ) -> tuple[torch.utils.data.DataLoader, ResumableGroupedSampler]:
+    """The loader of this rank.  The sampler draws one global batch (all ranks, one micro-step) per
+    step; ``cfg`` must hold the job's resolved batch layout."""
     sampler = ResumableGroupedSampler(
         dataset.aspect_ratios,
         cfg.solver.total_batch // cfg.solver.grad_accum,
@@ -73,13 +76,6 @@ def build_train_loader(
         collate_fn=collate,
         worker_init_fn=_ignore_preemption_signals,
         prefetch_factor=2 if cfg.data.num_workers > 0 else None,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
     )
     return loader, sampler
-
-
-def shutdown_loader(iterator: object) -> None:
-    """Stop an iterator's worker processes now (they ignore SIGTERM, so exit-time termination would
-    wait for them forever)."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if callable(shutdown):
-        shutdown()

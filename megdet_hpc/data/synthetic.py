@@ -10,7 +10,6 @@ filtering are exercised exactly as with real COCO.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -18,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from megdet_hpc.utils.cli import ArgumentParser, run_cli
+from megdet_hpc.utils.errors import UserError
 
 CATEGORIES = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -73,10 +75,26 @@ def make_split(out: Path, split: str, count: int, size: int, seed: int, quirks: 
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
         if quirks and i % 50 == 7 and objects:  # a crowd region and a zero-width box to be filtered
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 1,
-                                "category_id": 1, "bbox": [0.0, 0.0, 20.0, 20.0], "area": 400.0})  # fmt: skip
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
-                                "category_id": 3, "bbox": [5.0, 5.0, 0.0, 9.0], "area": 0.0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "iscrowd": 1,
+                    "category_id": 1,
+                    "bbox": [0.0, 0.0, 20.0, 20.0],
+                    "area": 400.0,
+                }
+            )
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "iscrowd": 0,
+                    "category_id": 3,
+                    "bbox": [5.0, 5.0, 0.0, 9.0],
+                    "area": 0.0,
+                }
+            )
     return {
         "info": {"description": f"megdet_hpc synthetic shapes ({split}, seed {seed})"},
         "images": images,
@@ -102,19 +120,22 @@ def generate(out: Path, train: int = 400, val: int = 100, size: int = 128, seed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="megdet_hpc.data.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--train", type=int, default=400)
     p.add_argument("--val", type=int, default=100)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.train < 1 or a.val < 1 or a.size < 32:
-        print("error: --train/--val must be >= 1 and --size >= 32", file=sys.stderr)
-        return 2
-    generate(a.out, a.train, a.val, a.size, a.seed)
-    print(f"wrote {a.train} train + {a.val} val images ({a.size}px) to {a.out}")
-    return 0
+    a = p.parse(argv)
+
+    def _run() -> int:
+        if a.train < 1 or a.val < 1 or a.size < 32:
+            raise UserError("--train/--val must be >= 1 and --size >= 32")
+        generate(a.out, a.train, a.val, a.size, a.seed)
+        print(f"wrote {a.train} train + {a.val} val images ({a.size}px) to {a.out}")
+        return 0
+
+    return run_cli(_run, "megdet_hpc.data.synthetic")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,9 @@
-"""Distributed communication: launcher detection and the backend-neutral ``Comm``."""
+"""Distributed communication: the backend-neutral ``Comm`` every collective goes through.
+
+``init()`` detects the launcher (``megdet_hpc.launch.environment``) and builds the process-wide comm;
+``stats_comm()`` is the transport of CGBN statistics; ``grad_sync`` averages gradients per backend.
+"""
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group, get, init, make_comm, shutdown, stats_comm
-from megdet_hpc.distributed.env import ClusterEnvironment, detect
 
-__all__ = [
-    "ClusterEnvironment",
-    "Comm",
-    "CommError",
-    "Group",
-    "detect",
-    "get",
-    "init",
-    "make_comm",
-    "shutdown",
-    "stats_comm",
-]
+__all__ = ["Comm", "CommError", "Group", "get", "init", "make_comm", "shutdown", "stats_comm"]

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.distributed.env import ClusterEnvironment, detect
+from megdet_hpc.launch.environment import ClusterEnvironment, detect
+from megdet_hpc.utils.errors import UserError
 
 BACKENDS = ("auto", "horovod", "torch", "mpi", "none")
 
 
-class CommError(RuntimeError):
+class CommError(UserError, RuntimeError):
     """A distributed set-up problem the user can fix (bad group size, missing backend, ...)."""
 
 
@@ -101,6 +102,12 @@ class Comm(ABC):
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where small tensors built on the host (the per-step vote) must be to be reduced: the CPU,
+        except for transports that only carry device memory (NCCL)."""
+        return torch.device("cpu")
 
     # -- collectives (counted) ------------------------------------------------------------------
     def allreduce_(

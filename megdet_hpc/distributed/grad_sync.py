@@ -39,8 +39,12 @@ class GradientSync:
         self.model = model
         self.optimizer = optimizer
         self._synced = False
-        for tensor in model.state_dict().values():  # same start on every rank
-            comm.broadcast_(tensor, root=0)
+        self.broadcast_initial_state()
+
+    def broadcast_initial_state(self) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        for tensor in self.model.state_dict().values():
+            self.comm.broadcast_(tensor, root=0)
 
     @property
     def forward_model(self) -> nn.Module:
@@ -85,23 +89,34 @@ class GradientSync:
 
 
 class HorovodGradientSync(GradientSync):
-    def __init__(self, comm: Comm, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 accum: int = 1, fp16_compression: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        comm: Comm,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accum: int = 1,
+        fp16_compression: bool = False,
+    ) -> None:
         import horovod.torch as hvd
 
-        self.comm, self.model, self._synced = comm, model, False
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # No hvd.broadcast_optimizer_state: every rank loads the optimizer state from the same
         # checkpoint file (after wrapping, since DistributedOptimizer re-creates the optimizer), and
         # on a fresh start there is none.  Its recipe would also take a dummy zero-gradient step that
         # applies weight decay to the initial weights.
-        self.optimizer = hvd.DistributedOptimizer(
+        wrapped = hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
             compression=hvd.Compression.fp16 if fp16_compression else hvd.Compression.none,
             backward_passes_per_step=accum,
             op=hvd.Average,
         )
+        super().__init__(comm, model, wrapped)
+
+    def broadcast_initial_state(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
     def describe(self) -> str:
         return "gradients averaged during backward (hvd.DistributedOptimizer, tensor fusion)"
@@ -119,9 +134,13 @@ class DDPGradientSync(GradientSync):
     def __init__(self, comm: Comm, model: nn.Module, optimizer: torch.optim.Optimizer, **_: Any) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        self.comm, self.model, self.optimizer, self._synced = comm, model, optimizer, False
         device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the model.
         self.ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        super().__init__(comm, model, optimizer)
+
+    def broadcast_initial_state(self) -> None:
+        """Done by DistributedDataParallel's constructor."""
 
     @property
     def forward_model(self) -> nn.Module:
@@ -143,8 +162,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def make_gradient_sync(comm: Comm, model: nn.Module, optimizer: torch.optim.Optimizer, *, accum: int = 1,
-                       fp16_compression: bool = False, mode: str = "auto") -> GradientSync:  # fmt: skip
+def make_gradient_sync(
+    comm: Comm,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    accum: int = 1,
+    fp16_compression: bool = False,
+    mode: str = "auto",
+) -> GradientSync:
     """The gradient path for ``mode`` (see module docstring and ``solver.grad_sync``).
 
     ``auto`` takes each backend's fastest path as measured here (demo model, 2 ranks x 1 thread on a
@@ -160,11 +186,15 @@ def make_gradient_sync(comm: Comm, model: nn.Module, optimizer: torch.optim.Opti
         after = comm.name == "mpi" or (comm.name == "horovod" and channels_last)
         mode = "after_backward" if after else "overlap"
     if fp16_compression and (mode == "after_backward" or comm.name != "horovod") and comm.size > 1:
-        raise CommError("solver.fp16_compression needs Horovod's overlapped optimizer (horovodrun, "
-                        "solver.grad_sync=overlap, no channels_last)")  # fmt: skip
+        raise CommError(
+            "solver.fp16_compression needs Horovod's overlapped optimizer (horovodrun, "
+            "solver.grad_sync=overlap, no channels_last)"
+        )
     if mode == "overlap" and comm.name == "horovod" and channels_last and comm.size > 1:
-        raise CommError("solver.grad_sync=overlap cannot run a channels_last model on Horovod (its optimizer "
-                        "refuses non-contiguous gradients): use solver.grad_sync=auto or after_backward")  # fmt: skip
+        raise CommError(
+            "solver.grad_sync=overlap cannot run a channels_last model on Horovod (its optimizer "
+            "refuses non-contiguous gradients): use solver.grad_sync=auto or after_backward"
+        )
     if mode == "overlap" and comm.size > 1:
         if comm.name == "horovod":
             return HorovodGradientSync(comm, model, optimizer, accum=accum, fp16_compression=fp16_compression)

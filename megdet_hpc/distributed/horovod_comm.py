@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group, dense_buffers
-from megdet_hpc.distributed.env import ClusterEnvironment
+from megdet_hpc.launch.environment import ClusterEnvironment
 
 
 class HorovodComm(Comm):

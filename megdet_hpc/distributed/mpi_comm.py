@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from megdet_hpc.distributed.comm import Comm, Group, flat_view
-from megdet_hpc.distributed.env import ClusterEnvironment
+from megdet_hpc.launch.environment import ClusterEnvironment
 
 
 class MPIComm(Comm):

@@ -7,10 +7,14 @@ from typing import Any
 import torch
 
 from megdet_hpc.distributed.comm import Comm, Group
+from megdet_hpc.launch.environment import LOCAL, ClusterEnvironment
 
 
 class SingleProcessComm(Comm):
     name = "none"
+
+    def __init__(self, env: ClusterEnvironment = LOCAL) -> None:
+        super().__init__(env)
 
     @property
     def rank(self) -> int:

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megdet_hpc.distributed.comm import Comm, Group
-from megdet_hpc.distributed.env import ClusterEnvironment, job_port, slurm_master_addr
+from megdet_hpc.launch.environment import ClusterEnvironment, job_port
+from megdet_hpc.launch.slurm import master_addr
 
 
 class TorchComm(Comm):
@@ -26,7 +27,7 @@ class TorchComm(Comm):
         if not dist.is_initialized():
             environ = dict(os.environ)
             if "MASTER_ADDR" not in environ:
-                addr = slurm_master_addr(environ) if env.name.startswith("srun") else "127.0.0.1"
+                addr = master_addr(environ) if env.name.startswith("srun") else "127.0.0.1"
                 os.environ["MASTER_ADDR"] = addr
             os.environ.setdefault("MASTER_PORT", str(job_port(environ)))
             backend = os.environ.get("MEGDET_TORCH_BACKEND") or (
@@ -41,6 +42,12 @@ class TorchComm(Comm):
     @property
     def rank(self) -> int:
         return dist.get_rank()
+
+    @property
+    def device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @property
     def size(self) -> int:

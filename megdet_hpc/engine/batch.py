@@ -44,14 +44,30 @@ def plan_batch(
         return plan
     if target % (world * images_per_gpu) == 0:
         new = BatchPlan(world, images_per_gpu, target // (world * images_per_gpu))
-        log.warning("world size %d: keeping the total batch %d with grad_accum %d (was %d)",
-                    world, target, new.grad_accum, grad_accum)  # fmt: skip
+        log.warning(
+            "world size %d: keeping the total batch %d with grad_accum %d (was %d)",
+            world,
+            target,
+            new.grad_accum,
+            grad_accum,
+        )
         return new
     if target % world == 0:
         new = BatchPlan(world, target // world, 1)
-        log.warning("world size %d: keeping the total batch %d with images_per_gpu %d (was %d)",
-                    world, target, new.images_per_gpu, images_per_gpu)  # fmt: skip
+        log.warning(
+            "world size %d: keeping the total batch %d with images_per_gpu %d (was %d)",
+            world,
+            target,
+            new.images_per_gpu,
+            images_per_gpu,
+        )
         return new
-    log.warning("world size %d cannot keep the total batch %d; continuing with %d and the LR rescaled "
-                "by the linear rule (x%.3f)", world, target, plan.total, plan.total / target)  # fmt: skip
+    log.warning(
+        "world size %d cannot keep the total batch %d; continuing with %d and the LR rescaled "
+        "by the linear rule (x%.3f)",
+        world,
+        target,
+        plan.total,
+        plan.total / target,
+    )
     return plan

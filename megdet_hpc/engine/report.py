@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+from megdet_hpc.utils.cli import ArgumentParser, run_cli
+from megdet_hpc.utils.errors import UserError
+
 
 def summarize(output_dir: Path) -> str:
     metrics_file = output_dir / "metrics.jsonl"
     if not metrics_file.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {output_dir}")
+        raise UserError(f"no metrics.jsonl in {output_dir}")
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     train = [r for r in records if "images_per_s" in r]
     evals = [r for r in records if "AP50" in r]
@@ -18,29 +21,32 @@ def summarize(output_dir: Path) -> str:
     ips = sum(r["images_per_s"] for r in steady) / max(len(steady), 1)
     lines = [f"run: {output_dir}"]
     if train:
-        lines.append(f"iterations: {train[-1]['iteration']}  images seen: {train[-1]['images_seen']}  "
-                     f"throughput: {ips:.2f} images/s  final loss: {train[-1]['loss']:.3f}")  # fmt: skip
+        lines.append(
+            f"iterations: {train[-1]['iteration']}  images seen: {train[-1]['images_seen']}  "
+            f"throughput: {ips:.2f} images/s  final loss: {train[-1]['loss']:.3f}"
+        )
     if evals:
         e = evals[-1]
         lines.append(f"COCO bbox (val): AP {e['AP']:.3f}  AP50 {e['AP50']:.3f}  AP75 {e['AP75']:.3f}")
     lines.append(f"curves: {output_dir / 'training_curves.png'}")
-    lines.append(f"checkpoints: {output_dir} (last_checkpoint -> "
-                 f"{(output_dir / 'last_checkpoint').read_text().strip() if (output_dir / 'last_checkpoint').exists() else '-'})")  # fmt: skip
+    lines.append(
+        f"checkpoints: {output_dir} (last_checkpoint -> "
+        f"{(output_dir / 'last_checkpoint').read_text().strip() if (output_dir / 'last_checkpoint').exists() else '-'})"
+    )
     lines.append(f"detections: {output_dir / 'eval' / 'bbox_results.json'}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m megdet_hpc.engine.report OUTPUT_DIR", file=sys.stderr)
-        return 2
-    try:
-        print(summarize(Path(args[0])))
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    p = ArgumentParser(prog="megdet_hpc.engine.report", description="Summarise a finished run")
+    p.add_argument("output_dir", type=Path)
+    a = p.parse(argv)
+
+    def _run() -> int:
+        print(summarize(a.output_dir))
+        return 0
+
+    return run_cli(_run, "megdet_hpc.engine.report")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,14 @@
 """Preemption signals only set a flag; the trainer acts on it at the next iteration boundary.
 
 Saving inside a signal handler corrupts checkpoints (Lightning #21406): the handler here does nothing
-but record which signal arrived.  All ranks then agree through the per-step collective the trainer
-already does, rank 0 writes a checkpoint, and every rank exits with ``EXIT_PREEMPTED``.
+but record which signal arrived.  All ranks then agree through the per-step vote the trainer already
+does, rank 0 writes a checkpoint, and every rank exits with ``EXIT_PREEMPTED``.
 """
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 3  # checkpoint written after a signal; resume (or requeue) continues the run
-EXIT_NONFINITE = 4  # too many consecutive non-finite losses
 
 
 class StopFlag:
@@ -30,10 +25,7 @@ class StopFlag:
 
     def install(self, names: list[str]) -> None:
         for name in names:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                raise ValueError(f"train.requeue_signals: unknown signal {name!r}")
-            self._previous[sig] = signal.signal(sig, self._handler)
+            self._previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self._handler)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

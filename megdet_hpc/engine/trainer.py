@@ -1,44 +1,56 @@
-"""The MegDet training loop: distributed, resumable, preemption-safe.
+"""The MegDet trainer: builds a config's model and data, resumes, and runs one optimizer step.
 
-One optimizer step = ``grad_accum`` micro-batches of ``images_per_gpu`` images on every rank.  Before
-each backward all ranks do **one** small allreduce that carries the loss components (for logging),
-a non-finite flag and the preemption flag, so every rank takes the same decision: skip a non-finite
-step (reported with its iteration; abort after ``solver.max_nonfinite`` in a row), or stop after this
-step, checkpoint and exit.  The LR is ``LRSchedule.lr(images_seen)``; the sampler state saved is the
-one of the batches actually consumed.
+Use (what ``python -m megdet_hpc.train`` does)::
+
+    trainer = Trainer(cfg)            # model and datasets; writes nothing
+    trainer.open_output_dir(fresh)    # one writer per directory; --no-resume archives the old run
+    trainer.resume_or_load()          # newest usable checkpoint, batch layout, optimizer, loader, hooks
+    code = trainer.train()            # 0, or 3 (preempted) / 4 (non-finite) from a hook
+
+One step (``run_step``): LR for the images seen, ``grad_accum`` forward/backward passes, then **one**
+collective -- the vote -- carrying the loss values, the non-finite flag and every hook's flags.  It is
+taken after backward: the device queue is never drained between forward and backward, and the step's
+single host synchronisation is the copy of that small vector, at the point where an AMP loop's
+``GradScaler`` synchronises anyway.  The skip decision comes before the update, so a non-finite step
+changes nothing (weights, optimizer state, BN running statistics restored from a snapshot).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megdet_hpc import distributed
-from megdet_hpc.checkpoint import Checkpointer
+from megdet_hpc.checkpoint import Checkpointer, CheckpointError
 from megdet_hpc.checkpoint import rng as rng_state
-from megdet_hpc.config import Config, to_dict
-from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset, shutdown_loader
+from megdet_hpc.config import Config, ConfigError, architecture_differences, to_dict, updated, validate
+from megdet_hpc.data.loader import build_train_dataset, build_train_loader, build_val_dataset
+from megdet_hpc.data.prefetch import DevicePrefetcher
+from megdet_hpc.distributed import Comm
 from megdet_hpc.distributed.grad_sync import make_gradient_sync
 from megdet_hpc.engine.batch import plan_batch
+from megdet_hpc.engine.hooks import (
+    EvalHook,
+    MetricsHook,
+    NonFiniteGuard,
+    PeriodicCheckpointer,
+    PreemptionHook,
+)
 from megdet_hpc.engine.metrics import MetricsWriter
-from megdet_hpc.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from megdet_hpc.engine.signals import StopFlag
+from megdet_hpc.engine.train_loop import HookBase, StepResult, StopTraining, TrainerBase
 from megdet_hpc.evaluation import evaluate
+from megdet_hpc.launch.slurm import requeue_job
 from megdet_hpc.modeling import build_model, set_sampling_keys
 from megdet_hpc.solver import LRSchedule, build_optimizer
-from megdet_hpc.utils_logging import progress_bar
+from megdet_hpc.utils.cli import EXIT_PREEMPTED
 
 log = logging.getLogger("megdet_hpc.engine")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -46,79 +58,199 @@ class Progress:
     iteration: int = 0
     images_seen: int = 0
     nonfinite_streak: int = 0
-    sampler: dict[str, Any] = field(default_factory=dict)
+    position: tuple[int, int] | None = None  # (epoch, batch number) of the last consumed global batch
+    sampler_state: dict[str, Any] | None = None  # as resumed, until the first step of this run
 
 
 def select_device(cfg: Config, local_rank: int) -> torch.device:
     want = cfg.train.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available")
+            raise ConfigError("train.device=cuda but no CUDA device is available")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-class Trainer:
-    def __init__(self, cfg: Config, resume: bool = True, resume_from: Path | None = None) -> None:
-        self.cfg = cfg
-        self.comm = distributed.init()
-        self.output_dir = Path(cfg.train.output_dir)
-        self.device = select_device(cfg, self.comm.local_rank)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
-        self.checkpointer = Checkpointer(self.output_dir, self.comm, cfg.train.keep_checkpoints,
-                                         cfg.train.async_checkpoint)  # fmt: skip
-        if not resume and resume_from is None:
-            self.checkpointer.archive_previous_run()
-        ckpt_path = self.checkpointer.find_valid(resume_from) if (resume or resume_from) else None
-        self.resumed_from = ckpt_path
-        ckpt = self.checkpointer.load(ckpt_path) if ckpt_path else None
-        s, d = cfg.solver, cfg.data
-        self.batch = plan_batch(self.comm.size, d.images_per_gpu, s.grad_accum, s.total_batch,
-                                ckpt["total_batch"] if ckpt else None)  # fmt: skip
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Thread count and the CUDA switches of the config (``train.cudnn_benchmark``, ``train.tf32``,
+    ``train.deterministic``)."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        torch.backends.cudnn.deterministic = cfg.train.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
 
+
+class BufferSnapshot:
+    """The model's buffers (BN running statistics) as they were before a step, to undo a skipped one:
+    preallocated copies refreshed with one fused copy per dtype (not a clone per buffer per step)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for buf in module.buffers():
+            groups.setdefault((buf.dtype, buf.device), []).append(buf)
+        self._pairs = [(live, [b.detach().clone() for b in live]) for live in groups.values()]
+
+    def take(self) -> None:
+        with torch.no_grad():
+            for live, copies in self._pairs:
+                torch._foreach_copy_(copies, live)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for live, copies in self._pairs:
+                torch._foreach_copy_(live, copies)
+
+
+class Trainer(TrainerBase):
+    def __init__(self, cfg: Config, comm: Comm | None = None) -> None:
+        super().__init__()
+        self.comm = comm or distributed.init()
+        self.cfg = cfg
+        self.device = select_device(cfg, self.comm.local_rank)
+        configure_backends(cfg, self.device)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpointer = Checkpointer(
+            self.output_dir, self.comm, cfg.train.keep_checkpoints, cfg.train.async_checkpoint
+        )
+        self.stop_flag = StopFlag()
+        self.progress = Progress()
+        self.max_iter = cfg.solver.max_iter
+        # Everything that can be checked is checked before anything is written: data (train and, when
+        # the run will evaluate, val), categories against the model.
+        self.train_set = build_train_dataset(cfg)
+        if cfg.model.num_classes < self.train_set.num_categories:
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_annotations} has "
+                f"{self.train_set.num_categories} categories"
+            )
+        self.val_set = build_val_dataset(cfg) if (cfg.train.eval_at_end or cfg.train.eval_period) else None
         rng_state.seed_all(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg)
-        if ckpt:
-            self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device)
-        if cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, self.model)
-        self.sync = make_gradient_sync(self.comm, self.model, optimizer, accum=self.batch.grad_accum,
-                                       fp16_compression=s.fp16_compression, mode=s.grad_sync)  # fmt: skip
-        log.info(self.sync.describe())
-        if ckpt:  # after wrapping: hvd.DistributedOptimizer re-creates the optimizer without its state
-            self.sync.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler = torch.amp.GradScaler("cuda") if (s.amp and self.device.type == "cuda") else None
-        if self.scaler is not None and ckpt and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.schedule = LRSchedule.from_config(cfg)
+        self.resumed_from: Path | None = None
+        self.archived_to: Path | None = None
+        self._opened = False
+        self._prepared = False
+        self._batches: DevicePrefetcher | None = None
 
-        # The batch layout actually used is part of the resolved config (and of every checkpoint).
-        d.images_per_gpu, s.grad_accum, s.total_batch = (
-            self.batch.images_per_gpu,
-            self.batch.grad_accum,
-            self.batch.total,
+    @property
+    def iteration(self) -> int:  # type: ignore[override]
+        return self.progress.iteration
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def open_output_dir(self, fresh: bool = False) -> None:
+        """Collective.  Take the directory (one writer: a second training or a live one is refused);
+        ``fresh`` (``--no-resume``) moves an earlier run's files into ``archive/<time>/``."""
+        self.checkpointer.open()
+        self.archived_to = self.checkpointer.archive_previous_run() if fresh else None
+        self._opened = True
+
+    def resume_or_load(self, resume: bool = True, resume_from: Path | None = None) -> Path | None:
+        """Collective.  Load the newest usable checkpoint (or ``resume_from``; none with
+        ``resume=False``), settle the batch layout for this world size, and build the optimizer,
+        gradient sync, loader and hooks.  Returns the checkpoint used."""
+        if not self._opened:
+            self.open_output_dir()
+        path = self.checkpointer.find_valid(resume_from) if (resume or resume_from is not None) else None
+        ckpt = self.checkpointer.load(path) if path else None
+        if ckpt is not None:
+            differences = architecture_differences(ckpt.get("config", {}), self.cfg)
+            if differences:
+                raise ConfigError(
+                    f"{path.name} was trained with another model ({'; '.join(differences)}); "
+                    "use another train.output_dir or --no-resume"
+                )
+        s, d = self.cfg.solver, self.cfg.data
+        self.batch = plan_batch(
+            self.comm.size,
+            d.images_per_gpu,
+            s.grad_accum,
+            s.total_batch,
+            ckpt["total_batch"] if ckpt else None,
         )
-        self.dataset = build_train_dataset(cfg)
-        self.loader, self.sampler = build_train_loader(cfg, self.dataset, self.comm.rank, self.comm.size)
-        self.progress = Progress()
-        self.metrics = MetricsWriter(self.output_dir, self.comm.is_main, cfg.train.tensorboard)
-        if ckpt:
+        # The batch layout actually used is part of the resolved config (and of every checkpoint).
+        self.cfg = updated(
+            self.cfg,
+            {
+                "data": {"images_per_gpu": self.batch.images_per_gpu},
+                "solver": {"grad_accum": self.batch.grad_accum, "total_batch": self.batch.total},
+            },
+        )
+        validate(self.cfg, self.comm.size)
+        if ckpt is not None:
+            try:
+                self.model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:
+                raise CheckpointError(
+                    f"{path.name}: weights do not fit the model ({str(exc).splitlines()[0]})"
+                ) from exc
+        self.model.to(self.device)
+        if self.cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._build_optimization(ckpt)
+        self.loader, self.sampler = build_train_loader(
+            self.cfg, self.train_set, self.comm.rank, self.comm.size, self.device
+        )
+        self.metrics = MetricsWriter(self.output_dir, self.comm.is_main, self.cfg.train.tensorboard)
+        self._buffers = BufferSnapshot(self.model)
+        self.resumed_from = path
+        if ckpt is not None:
             self._restore(ckpt)
         else:
-            rng_state.seed_all(cfg.train.seed * 1000 + self.comm.rank)
-        self.stop = StopFlag()
-        self._last_ckpt_time = time.monotonic()
-        self._time_checkpoint_due = False
+            rng_state.seed_all(self.cfg.train.seed * 1000 + self.comm.rank)
+        if self.comm.is_main:
+            log.info("training data: %d images; %s", len(self.train_set), self.train_set.stats.summary())
+        self.register_hooks(self.build_hooks())
+        self._prepared = True
+        return path
 
-    # -- state ----------------------------------------------------------------------------------------
+    def _build_optimization(self, ckpt: dict[str, Any] | None) -> None:
+        s = self.cfg.solver
+        optimizer = build_optimizer(self.cfg, self.model)
+        self.sync = make_gradient_sync(
+            self.comm,
+            self.model,
+            optimizer,
+            accum=self.batch.grad_accum,
+            fp16_compression=s.fp16_compression,
+            mode=s.grad_sync,
+        )
+        if self.comm.is_main:
+            log.info(self.sync.describe())
+        if (
+            ckpt is not None
+        ):  # after wrapping: hvd.DistributedOptimizer re-creates the optimizer without its state
+            self.sync.optimizer.load_state_dict(ckpt["optimizer"])
+        on_cuda = self.device.type == "cuda"
+        if s.amp != "off" and not on_cuda and self.comm.is_main:
+            log.warning("solver.amp=%s is for CUDA; training in float32 on %s", s.amp, self.device)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp) if on_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if self.scaler is not None and ckpt is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.schedule = LRSchedule.from_config(self.cfg)
+
+    def build_hooks(self) -> list[HookBase]:
+        t = self.cfg.train
+        return [
+            NonFiniteGuard(self.cfg.solver.max_nonfinite),
+            MetricsHook(t.log_period),
+            PreemptionHook(t.requeue_signals),
+            PeriodicCheckpointer(t.checkpoint_period, t.checkpoint_minutes),
+            EvalHook(t.eval_period, t.eval_at_end, self.cfg.eval.vis_images),
+        ]
+
+    # -- state ------------------------------------------------------------------------------------
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.progress = Progress(ckpt["iteration"], ckpt["images_seen"], ckpt.get("nonfinite_streak", 0),
-                                 ckpt["sampler"])  # fmt: skip
-        self.sampler.load_state_dict(ckpt["sampler"])
+        self.progress = Progress(
+            ckpt["iteration"], ckpt["images_seen"], ckpt.get("nonfinite_streak", 0), None, ckpt["sampler"]
+        )
+        try:
+            self.sampler.load_state_dict(ckpt["sampler"])
+        except ValueError as exc:
+            raise CheckpointError(f"{self.resumed_from.name}: {exc}") from exc
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.comm.size:
             rng_state.restore(rngs[self.comm.rank])
@@ -126,9 +258,20 @@ class Trainer:
             rng_state.seed_all(self.cfg.train.seed * 1000 + self.comm.rank + 7919 * ckpt["iteration"])
         self.metrics.load_history(ckpt.get("metrics", []))
         if self.comm.is_main:
-            log.info("resumed from %s at iteration %d (%d images seen; written by %d ranks, now %d)",
-                     self.resumed_from, self.progress.iteration, self.progress.images_seen,
-                     ckpt["world_size"], self.comm.size)  # fmt: skip
+            log.info(
+                "resumed from %s at iteration %d (%d images seen; written by %d ranks, now %d)",
+                self.resumed_from,
+                self.progress.iteration,
+                self.progress.images_seen,
+                ckpt["world_size"],
+                self.comm.size,
+            )
+
+    def sampler_state(self) -> dict[str, Any]:
+        p = self.progress
+        if p.position is not None:
+            return self.sampler.state_after(*p.position)
+        return p.sampler_state or self.sampler.initial_state()
 
     def state_dict(self) -> dict[str, Any]:
         """Collective (gathers every rank's RNG state)."""
@@ -140,7 +283,7 @@ class Trainer:
             "iteration": self.progress.iteration,
             "images_seen": self.progress.images_seen,
             "nonfinite_streak": self.progress.nonfinite_streak,
-            "sampler": self.progress.sampler,
+            "sampler": self.sampler_state(),
             "rng": rngs,
             "config": to_dict(self.cfg),
             "world_size": self.comm.size,
@@ -152,205 +295,168 @@ class Trainer:
 
     def save_checkpoint(self, block: bool = False) -> None:
         state = self.state_dict()
-        meta = {"iteration": self.progress.iteration, "images_seen": self.progress.images_seen,
-                "world_size": self.comm.size, "time": time.time()}  # fmt: skip
+        meta = {
+            "iteration": self.progress.iteration,
+            "images_seen": self.progress.images_seen,
+            "world_size": self.comm.size,
+            "time": time.time(),
+        }
         self.checkpointer.save(self.progress.iteration, state, meta, block=block)
-        self._last_ckpt_time = time.monotonic()
 
-    def train_step(self, data_iter: Any) -> tuple[float, dict[str, float], bool, bool]:
-        """Set the LR for the images seen, run one optimizer step, advance the progress (iteration,
-        images seen, sampler position; a skipped step consumed its images too).
-        Returns (lr, mean losses, whether the step was skipped as non-finite, whether to stop)."""
-        p = self.progress
+    # -- one step -----------------------------------------------------------------------------------
+    def run_step(self) -> StepResult:
+        """One optimizer step on every rank; advances iteration, images seen and the sampler position
+        (a skipped step consumed its images too)."""
+        if self._batches is None:
+            self._batches = DevicePrefetcher(iter(self.loader), self.device)
+        p, accum = self.progress, self.batch.grad_accum
         lr = self.schedule.lr(p.images_seen, self.batch.total)
         for group in self.sync.optimizer.param_groups:
             group["lr"] = lr
-        losses, nonfinite, stop, position = self._step(data_iter)
-        p.sampler = self.sampler.state_after(*position)
+        self.sync.zero_grad()
+        self._buffers.take()
+        model = self.sync.forward_model
+        losses: dict[str, torch.Tensor] = {}
+        position = p.position
+        for micro in range(accum):
+            images, targets, position = next(self._batches)
+            step_key = p.images_seen + micro * self.batch.world * self.batch.images_per_gpu
+            set_sampling_keys(self.model, step_key, [t["image_id"] for t in targets], self.cfg.train.seed)
+            with self.sync.accumulate(last=micro == accum - 1):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    parts = model(images, targets)
+                    loss = sum(parts.values()) / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for name, value in parts.items():
+                value = value.detach() / accum
+                losses[name] = losses[name] + value if name in losses else value
+
+        grads_bad, unscaled = self._clip_gradients()
+        skipped, flags, mean_losses = self._vote(losses, grads_bad)
+        if skipped:
+            self.sync.synchronize()  # finish outstanding overlapped reductions before dropping them
+            if unscaled:
+                self.scaler.update()  # type: ignore[union-attr]
+            self.sync.zero_grad()
+            self._buffers.restore()
+        else:
+            self.sync.step(self.scaler)
+        p.position = position
         p.iteration += 1
         p.images_seen += self.batch.total
-        return lr, losses, nonfinite, stop
+        return StepResult(p.iteration, p.images_seen, lr, mean_losses, skipped, flags)
 
-    # -- one step ---------------------------------------------------------------------------------------
-    def _vote(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool, dict[str, float]]:
-        """One allreduce: [non-finite count, stop count, checkpoint-time flag, losses...].
-
-        The checkpoint-time flag is raised by rank 0's clock only, so a time-based checkpoint
-        happens on every rank at the same iteration without a collective of its own.
-        """
-        names = sorted(losses)
-        # One device-to-host copy for all loss terms (not one sync per term on a GPU).
-        values = torch.stack([losses[k].detach().float() for k in names]).to("cpu", torch.float64)
-        finite = bool(torch.isfinite(values).all())
-        minutes = self.cfg.train.checkpoint_minutes
-        time_due = (self.comm.is_main and minutes > 0
-                    and time.monotonic() - self._last_ckpt_time >= minutes * 60)  # fmt: skip
-        flags = torch.tensor(
-            [0.0 if finite else 1.0, float(self.stop.raised), float(time_due)], dtype=torch.float64
-        )
-        vec = torch.cat([flags, torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)])
-        self.comm.allreduce_(vec, name="megdet.vote")
-        self._time_checkpoint_due = self._time_checkpoint_due or vec[2].item() > 0
-        mean = {k: float(v) / self.comm.size for k, v in zip(names, vec[3:])}
-        return vec[0].item() > 0, vec[1].item() > 0, mean
-
-    def _step(self, data_iter: Any) -> tuple[dict[str, float], bool, bool, tuple[int, int]]:
-        model = self.sync.forward_model
-        self.sync.zero_grad()
-        # BN running statistics change in forward: keep a copy (a few KiB) so a skipped step leaves
-        # the model exactly as it was.
-        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-        totals: dict[str, float] = {}
-        nonfinite = stop = False
-        position = (0, 0)
-        accum = self.batch.grad_accum
-        for micro in range(accum):
-            images, targets, position = next(data_iter)
-            images = [img.to(self.device, non_blocking=True) for img in images]
-            targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                       for t in targets]  # fmt: skip
-            step_key = self.progress.images_seen + micro * self.batch.world * self.batch.images_per_gpu
-            set_sampling_keys(self.model, step_key, [t["image_id"] for t in targets], self.cfg.train.seed)
-            with (
-                self.sync.accumulate(last=micro == accum - 1),
-                torch.autocast(self.device.type, enabled=self.scaler is not None),
-            ):
-                losses = model(images, targets)
-                loss = sum(losses.values()) / accum
-                bad, stop_now, mean = self._vote(losses)
-                stop = stop or stop_now
-                if bad:
-                    nonfinite = True
-                    break
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            for k, v in mean.items():
-                totals[k] = totals.get(k, 0.0) + v / accum
-        if nonfinite:
-            self._skip_step(saved_buffers)
-            return totals, True, stop, position
+    def _clip_gradients(self) -> tuple[torch.Tensor | None, bool]:
+        """``solver.clip_grad_norm``: the averaged gradients' norm (identical on every rank, so no
+        collective of its own), clipped; without a GradScaler a non-finite norm joins the vote.
+        Returns (the device flag, whether the scaler unscaled)."""
         clip = self.cfg.solver.clip_grad_norm
-        if clip > 0:
-            # Averaged gradients are identical on every rank: the norm check needs no collective.
-            self.sync.synchronize()
-            if self.scaler is not None:
-                self.scaler.unscale_(self.sync.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            if not torch.isfinite(norm) and self.scaler is None:
-                self._skip_step(saved_buffers)
-                return totals, True, stop, position
-        self.sync.step(self.scaler)
-        return totals, False, stop, position
+        if clip <= 0:
+            return None, False
+        self.sync.synchronize()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.sync.optimizer)
+        params = [q for q in self.model.parameters() if q.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        bad = None if self.scaler is not None else ~torch.isfinite(norm)  # AMP overflows are the scaler's
+        return bad, self.scaler is not None
 
-    def _skip_step(self, saved_buffers: list[torch.Tensor]) -> None:
-        self.sync.zero_grad()
-        with torch.no_grad():
-            for buf, old in zip(self.model.buffers(), saved_buffers):
-                buf.copy_(old)
+    def _vote(
+        self, losses: dict[str, torch.Tensor], grads_bad: torch.Tensor | None
+    ) -> tuple[bool, dict[str, bool], dict[str, float]]:
+        """The step's one collective: [non-finite, loss values..., hook flags...], summed over ranks."""
+        names = sorted(losses)
+        values = torch.stack([losses[k].float() for k in names])
+        bad = ~torch.isfinite(values).all()
+        if grads_bad is not None:
+            bad = bad | grads_bad
+        device_part = torch.cat(
+            [bad.reshape(1).to(values.dtype), torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)]
+        )
+        flags = self.vote_flags()
+        host_part = torch.tensor([float(v) for v in flags.values()], dtype=torch.float64)
+        if self.comm.device.type == "cpu":
+            vec = torch.cat([device_part.to("cpu", torch.float64), host_part])  # the step's one host copy
+            self.comm.allreduce_(vec, name="megdet.vote")
+        else:  # a transport of device memory (NCCL): reduce there, then copy once
+            vec = torch.cat([device_part.double(), host_part.to(self.comm.device, non_blocking=True)])
+            self.comm.allreduce_(vec, name="megdet.vote")
+            vec = vec.cpu()
+        size = self.comm.size
+        mean_losses = {k: float(v) / size for k, v in zip(names, vec[1 : 1 + len(names)].tolist())}
+        agreed = {k: v > 0 for k, v in zip(flags, vec[1 + len(names) :].tolist())}
+        return bool(vec[0] > 0), agreed, mean_losses
 
-    # -- the loop ---------------------------------------------------------------------------------------
-    def train(self) -> int:
-        cfg, p = self.cfg, self.progress
-        max_iter = cfg.solver.max_iter
-        self.stop.install(cfg.train.requeue_signals)
-        self.model.train()
-        data_iter = iter(self.loader)
-        bar = progress_bar(max_iter, "train", self.comm.is_main, initial=p.iteration, unit="it")
-        window_start, window_images = time.perf_counter(), 0
-        exit_code = EXIT_OK
-        try:
-            while p.iteration < max_iter:
-                lr, losses, nonfinite, stop = self.train_step(data_iter)
-                if nonfinite:
-                    p.nonfinite_streak += 1
-                    msg = (f"non-finite loss or gradient at iteration {p.iteration - 1} on at least one rank "
-                           f"({p.nonfinite_streak} in a row); step skipped, model unchanged")  # fmt: skip
-                    log.error(msg)
-                    if p.nonfinite_streak >= cfg.solver.max_nonfinite:
-                        raise NonFiniteLossError(f"{msg}; aborting after solver.max_nonfinite="
-                                                 f"{cfg.solver.max_nonfinite}")  # fmt: skip
-                else:
-                    p.nonfinite_streak = 0
-                window_images += self.batch.total
-                bar.update(1)
-                if p.iteration % cfg.train.log_period == 0 or p.iteration == max_iter:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"iteration": p.iteration, "images_seen": p.images_seen, "lr": lr,
-                              "loss": sum(losses.values()), **{f"loss/{k}": v for k, v in losses.items()},
-                              "images_per_s": window_images / max(elapsed, 1e-9),
-                              "s_per_iter": elapsed / max(window_images / self.batch.total, 1)}  # fmt: skip
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4f}",
-                                    ips=f"{record['images_per_s']:.1f}", refresh=False)  # fmt: skip
-                    window_start, window_images = time.perf_counter(), 0
-                if stop:
-                    bar.close()
-                    self._preempted()
-                    exit_code = EXIT_PREEMPTED
-                    break
-                if self._checkpoint_due():
-                    self.save_checkpoint()
-                if (
-                    cfg.train.eval_period
-                    and p.iteration % cfg.train.eval_period == 0
-                    and p.iteration < max_iter
-                ):
-                    self.run_eval()
-            else:
-                bar.close()
-                self.save_checkpoint(block=True)
-                if cfg.train.eval_at_end:
-                    self.run_eval()
-                if self.comm.is_main:
-                    plot = self.metrics.plot(self.output_dir / "training_curves.png")
-                    log.info("training done: %d iterations; curves in %s", p.iteration, plot)
-        except NonFiniteLossError as exc:
-            log.error("%s", exc)
-            exit_code = EXIT_NONFINITE
-        finally:
-            shutdown_loader(data_iter)
-            self.checkpointer.wait()
-            self.stop.uninstall()
-            self.metrics.close()
-        return exit_code
-
-    def _checkpoint_due(self) -> bool:
-        t = self.cfg.train
-        by_iter = t.checkpoint_period > 0 and self.progress.iteration % t.checkpoint_period == 0
-        due, self._time_checkpoint_due = by_iter or self._time_checkpoint_due, False
-        return due
-
-    def _preempted(self) -> None:
-        self.save_checkpoint(block=True)
+    # -- policies the hooks call ----------------------------------------------------------------------
+    def preempt(self) -> None:
+        """Checkpoint (unless this iteration is saved already), requeue under Slurm, stop with code 3."""
+        if self.checkpointer.last_saved_iteration != self.progress.iteration:
+            self.save_checkpoint(block=True)
+        self.checkpointer.wait()
         if self.comm.is_main:
-            log.warning("stopped by %s at iteration %d: checkpoint written to %s",
-                        self.stop.signal_name or "a peer's signal", self.progress.iteration,
-                        self.checkpointer.pointer.parent)  # fmt: skip
+            log.warning(
+                "stopped by %s at iteration %d: checkpoint written to %s",
+                self.stop_flag.signal_name or "a peer's signal",
+                self.progress.iteration,
+                self.output_dir,
+            )
             if self.cfg.train.requeue:
-                requeue_slurm_job()
+                requeue_job()
         self.comm.barrier()
+        raise StopTraining(EXIT_PREEMPTED)
 
-    def run_eval(self) -> dict[str, float]:
-        val = build_val_dataset(self.cfg)
-        metrics = evaluate(self.model, val, self.comm, self.device, self.output_dir / "eval",
-                           self.cfg.eval.max_images)  # fmt: skip
-        record = {"iteration": self.progress.iteration, **metrics}
-        self.metrics.write(record)
+    def run_eval(self) -> dict[str, Any] | None:
+        """COCO evaluation of the current model; None when a preemption signal interrupted it."""
+        if self.val_set is None:
+            self.val_set = build_val_dataset(self.cfg)
+        metrics = evaluate(
+            self.model,
+            self.val_set,
+            self.comm,
+            self.device,
+            self.output_dir / "eval",
+            self.cfg.eval.max_images,
+            should_stop=lambda: self.stop_flag.raised,
+        )
+        if metrics is None:
+            if self.comm.is_main:
+                log.warning("evaluation at iteration %d interrupted by a signal", self.progress.iteration)
+            return None
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        record = {"iteration": self.progress.iteration, **scalars}
+        if self._prepared:
+            self.metrics.write(record)
         if self.comm.is_main:
-            log.info("eval at iteration %d: %s", self.progress.iteration,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+            log.info(
+                "eval at iteration %d: %s",
+                self.progress.iteration,
+                ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()),
+            )
         return metrics
 
+    def draw_predictions(self, count: int) -> Path | None:
+        """A PNG grid of predicted vs ground-truth boxes on the first ``count`` validation images."""
+        from megdet_hpc.evaluation.visualize import draw_predictions
 
-def requeue_slurm_job() -> bool:
-    """``scontrol requeue`` this job (array-aware) when running under Slurm; True if requeued."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return False
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log.error("scontrol requeue %s failed: %s", job, proc.stderr.strip())
-        return False
-    log.warning("requeued Slurm job %s", job)
-    return True
+        if self.val_set is None:
+            return None
+        path = draw_predictions(
+            self.model, self.val_set, self.device, count, self.output_dir / "eval" / "predictions.png"
+        )
+        log.info("predictions drawn in %s", path)
+        return path
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def train(self) -> int:
+        if not self._prepared:
+            raise RuntimeError("call resume_or_load() before train()")
+        self.model.train()
+        try:
+            return super().train()
+        finally:
+            if self._batches is not None:
+                self._batches.shutdown()
+            self.metrics.close()
+            self.checkpointer.close()

@@ -1,4 +1,4 @@
-"""Evaluation: distributed inference and COCO bbox metrics."""
+"""Evaluation: distributed inference, COCO bbox metrics (pycocotools), PR curves and drawings."""
 
 from megdet_hpc.evaluation.coco_eval import METRIC_NAMES, coco_bbox_metrics, evaluate, inference
 

@@ -2,8 +2,14 @@
 
 Every rank runs the detector on its shard (``index % world == rank``), detections are converted to
 COCO results (original image and category ids, xywh boxes) and gathered to rank 0, which runs
-``COCOeval`` and writes ``bbox_results.json`` and ``metrics.json``.  CGBN layers are in eval mode and
-use running statistics: inference communicates only the final gather.
+``COCOeval`` and writes ``bbox_results.json``, ``metrics.json`` (the 12 standard numbers and the AP of
+every class), ``summary.txt`` (pycocotools' own 12-line table, also logged) and ``pr_curves.png``
+(precision-recall per class at IoU 0.5).  CGBN layers are in eval mode and use running statistics.
+
+Inference can be interrupted: with ``should_stop`` every batch ends with a one-element allreduce (the
+same number of batches on every rank), and when any rank's callback says stop -- a preemption signal
+arrived -- all ranks stop at the same batch and ``evaluate`` returns None.  A COCO-size evaluation
+outlasts Slurm's signal lead time; waiting for it would lose the preemption checkpoint.
 """
 
 from __future__ import annotations
@@ -11,73 +17,186 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from megdet_hpc.data.coco import CocoDetection
+from megdet_hpc.data.coco import CocoDetection, to_float
 from megdet_hpc.distributed import Comm
-from megdet_hpc.utils_logging import progress_bar
+from megdet_hpc.utils.logger import progress_bar
 
-METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+log = logging.getLogger("megdet_hpc.evaluation")
+METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 @torch.no_grad()
-def inference(model: torch.nn.Module, dataset: CocoDetection, comm: Comm, device: torch.device,
-              max_images: int = 0, batch_size: int = 2) -> list[dict[str, Any]]:  # fmt: skip
+def inference(
+    model: torch.nn.Module,
+    dataset: CocoDetection,
+    comm: Comm,
+    device: torch.device,
+    max_images: int = 0,
+    batch_size: int = 2,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict[str, Any]] | None:
+    """Detections of every rank (gathered to all); None when interrupted through ``should_stop``."""
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     mine = list(range(comm.rank, count, comm.size))
+    batches = math.ceil(math.ceil(count / comm.size) / batch_size)  # the same on every rank
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
+    interrupted = False
     bar = progress_bar(count, "eval", comm.is_main, leave=False, unit="img")
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        images, ids = [], []
-        for idx in chunk:
-            image, target = dataset[idx]
-            images.append(image.to(device))
-            ids.append(target["image_id"])
-        outputs = model(images)
-        for image_id, out in zip(ids, outputs):
-            boxes = out["boxes"].cpu()
-            boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
-                results.append({"image_id": image_id, "category_id": dataset.label_to_cat[label],
-                                "bbox": [round(v, 2) for v in box], "score": round(score, 4)})  # fmt: skip
-        bar.update(len(chunk) * comm.size)
-    bar.close()
-    model.train(was_training)
+    try:
+        for b in range(batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            if chunk:
+                results.extend(_detect(model, dataset, chunk, device))
+            bar.update(len(chunk) * comm.size)
+            if should_stop is not None:
+                vote = torch.tensor([float(should_stop())], dtype=torch.float64).to(comm.device)
+                comm.allreduce_(vote, name="megdet.eval_vote")
+                if vote.item() > 0:
+                    interrupted = True
+                    break
+    finally:
+        bar.close()
+        model.train(was_training)
+    if interrupted:
+        return None
     gathered = comm.allgather_object(results)
     return [r for part in gathered for r in part]
 
 
-def coco_bbox_metrics(dataset: CocoDetection, results: list[dict[str, Any]], image_ids: list[int]) -> dict:
-    """COCO bbox AP metrics (0..1) for ``results`` over ``image_ids``."""
+def _detect(
+    model: torch.nn.Module, dataset: CocoDetection, indices: list[int], device: torch.device
+) -> list[dict]:
+    images, ids = [], []
+    for idx in indices:
+        image, target = dataset[idx]
+        images.append(to_float(image.to(device, non_blocking=True)))
+        ids.append(target["image_id"])
+    out = []
+    for image_id, det in zip(ids, model(images)):
+        boxes = det["boxes"].float().cpu()
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": dataset.label_to_cat[label],
+                    "bbox": [round(v, 2) for v in box],
+                    "score": round(score, 4),
+                }
+            )
+    return out
+
+
+def coco_bbox_metrics(
+    dataset: CocoDetection, results: list[dict[str, Any]], image_ids: list[int]
+) -> dict[str, Any]:
+    """COCO bbox metrics (0..1): the 12 standard numbers, ``per_class`` AP, the ``summary`` text and the
+    ``precision`` array (IoU x recall x class) for the PR plot."""
+    empty = {name: 0.0 for name in METRIC_NAMES}
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
-    with contextlib.redirect_stdout(io.StringIO()):
+        names = dataset.category_names
+        return {
+            **empty,
+            "per_class": {names[k]: 0.0 for k in sorted(names)},
+            "summary": "no detections",
+            "precision": None,
+        }
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
         dets = dataset.coco.loadRes(results)
         ev = COCOeval(dataset.coco, dets, "bbox")
         ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+    metrics: dict[str, Any] = {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+    precision = ev.eval["precision"]  # [T iou, R recall, K class, A area, M max dets]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        label = dataset.cat_to_label[cat_id]
+        per_class[dataset.category_names[label]] = float(p.mean()) if p.size else float("nan")
+    metrics["per_class"] = per_class
+    metrics["summary"] = "\n".join(
+        line for line in out.getvalue().splitlines() if line.startswith(" Average")
+    )
+    metrics["precision"] = precision
+    return metrics
 
 
-def evaluate(model: torch.nn.Module, dataset: CocoDetection, comm: Comm, device: torch.device,
-             output_dir: Path | None = None, max_images: int = 0) -> dict[str, float]:  # fmt: skip
-    """Inference on every rank, metrics on rank 0, broadcast to all; writes JSON files when asked."""
-    results = inference(model, dataset, comm, device, max_images)
-    metrics: dict[str, float] = {}
+def plot_pr_curves(dataset: CocoDetection, precision: np.ndarray, path: Path) -> Path:
+    """Precision-recall per class at IoU 0.5 (all areas, 100 detections), one panel per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [dataset.category_names[k] for k in sorted(dataset.category_names)]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    recall = np.linspace(0, 1, precision.shape[1])
+    for k, name in enumerate(names):
+        ax = axes[k // cols][k % cols]
+        curve = precision[0, :, k, 0, -1]
+        valid = curve > -1
+        ap = curve[valid].mean() if valid.any() else float("nan")
+        ax.plot(recall[valid], curve[valid])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{name}: AP50 {ap:.3f}", fontsize=9)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.grid(alpha=0.3)
+    for k in range(len(names), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: CocoDetection,
+    comm: Comm,
+    device: torch.device,
+    output_dir: Path | None = None,
+    max_images: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
+    """Inference on every rank, metrics on rank 0, broadcast to all; writes the files listed in the
+    module docstring when ``output_dir`` is given.  None when interrupted."""
+    results = inference(model, dataset, comm, device, max_images, should_stop=should_stop)
+    if results is None:
+        return None
+    metrics: dict[str, Any] = {}
     if comm.is_main:
         count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-        metrics = coco_bbox_metrics(dataset, results, dataset.ids[:count])
+        full = coco_bbox_metrics(dataset, results, dataset.ids[:count])
+        precision = full.pop("precision")
+        log.info("COCO bbox evaluation on %d images:\n%s", count, full["summary"])
+        metrics = full
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "bbox_results.json").write_text(json.dumps(results))
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (output_dir / "metrics.json").write_text(
+                json.dumps({k: v for k, v in full.items() if k != "summary"}, indent=2)
+            )
+            (output_dir / "summary.txt").write_text(full["summary"] + "\n")
+            if precision is not None:
+                plot_pr_curves(dataset, precision, output_dir / "pr_curves.png")
     return comm.broadcast_object(metrics, root=0)

@@ -1,26 +1,38 @@
-"""``python -m megdet_hpc.launch --nodes N --gpus-per-node G --config C [overrides]``
+"""``python -m megdet_hpc.launch [submitit|sbatch|local] ...``: every way to start a training.
 
-Submits the training through submitit's Slurm executor (``--local``: submitit's local executor),
-prints the job id and log paths, and with ``--wait`` follows the job and returns its exit status.
-``--dry-run`` prints the sbatch script submitit would submit and the training command, without
-submitting.  CPU-only: ``--gpus-per-node 0 --tasks-per-node K``.
+* ``submitit`` (the default, so ``python -m megdet_hpc.launch --nodes 16`` works as written): submit
+  through submitit's Slurm executor (``--local``: its local executor), print the job id and logs,
+  ``--wait`` to follow it, ``--dry-run`` to print the sbatch script and the training command.
+* ``sbatch``: render an sbatch script from the one template (``--gpus 128 --gpus-per-node 8 ...``).
+* ``local``: run ``python -m megdet_hpc.train`` here under ``horovodrun``/``mpirun``/torchrun.
+
+Without ``--config`` the config is chosen like the committed sbatch scripts choose theirs: by the
+total batch (GPUs x images per GPU; 256 -> ``megdet_r50_fpn_bs256.yaml``, else the bs16 baseline with
+its schedule rescaled in images).
 """
 
 from __future__ import annotations
 
-import argparse
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-from megdet_hpc.config import ConfigError, load_config, scale_to_total_batch
+from megdet_hpc.launch.sbatch import CONTROL
+from megdet_hpc.utils.cli import ArgumentParser, run_cli
+from megdet_hpc.utils.errors import UserError
+
+COMMANDS = ("submitit", "sbatch", "local")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megdet_hpc.launch", description="Submit MegDet training via submitit")
-    p.add_argument("--config", required=True)
+class LaunchError(UserError, ValueError):
+    """Bad launcher parameters or a refused submission, with a one-line message."""
+
+
+def submitit_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="megdet_hpc.launch", description="Submit MegDet training via submitit")
+    p.add_argument("--config", help="default: chosen by total batch like slurm/*.sh")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 = CPU-only tasks")
     p.add_argument("--tasks-per-node", type=int, help="default: gpus-per-node (1 if 0)")
     p.add_argument("--images-per-gpu", type=int, help="default: the config's data.images_per_gpu")
     p.add_argument("--partition", default="")
@@ -32,108 +44,116 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", type=Path, default=Path("logs/submitit"), help="submitit job folder")
     p.add_argument("--setup", action="append", default=[], help="shell line run before the job")
     p.add_argument("--local", action="store_true", help="submitit's local executor (no Slurm)")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--wait", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job; exit with its status")
     p.add_argument("opts", nargs="*", help="config overrides section.key=value")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return _main(a)
-    except (ConfigError, ValueError) as exc:
-        print(f"megdet_hpc.launch: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _main(a: argparse.Namespace) -> int:
-    from megdet_hpc.launch.submitit_launcher import TrainJob, make_executor
+def _submitit(a) -> int:  # type: ignore[no-untyped-def]
+    from megdet_hpc.config import default_config_for, load_config, scale_to_total_batch
 
     tasks = a.tasks_per_node or max(a.gpus_per_node, 1)
-    if a.nodes < 1 or tasks < 1 or a.timeout < 1:
-        raise ValueError("--nodes, --tasks-per-node and --timeout must be >= 1")
-    cfg = load_config(a.config, a.opts)  # validate before submitting anything
-    ipg = a.images_per_gpu or cfg.data.images_per_gpu
+    checks = [
+        (a.nodes >= 1, f"--nodes must be >= 1, got {a.nodes}"),
+        (tasks >= 1, f"--tasks-per-node must be >= 1, got {tasks}"),
+        (a.gpus_per_node >= 0, f"--gpus-per-node must be >= 0, got {a.gpus_per_node}"),
+        (a.timeout >= 1, f"--timeout must be >= 1 minute, got {a.timeout}"),
+        (a.cpus_per_task >= 1, f"--cpus-per-task must be >= 1, got {a.cpus_per_task}"),
+        (a.signal_delay >= 0, f"--signal-delay must be >= 0 seconds, got {a.signal_delay}"),
+        (
+            a.images_per_gpu is None or a.images_per_gpu >= 1,
+            f"--images-per-gpu must be >= 1, got {a.images_per_gpu}",
+        ),
+        (not CONTROL.search(a.job_name), "--job-name contains a control character"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LaunchError(message)
     world = a.nodes * tasks
+    if a.config:
+        config = a.config
+    else:
+        config = str(default_config_for(world * (a.images_per_gpu or 2)))
+    cfg = load_config(config, a.opts)  # validate before submitting anything
+    ipg = a.images_per_gpu or cfg.data.images_per_gpu
     total = world * ipg * cfg.solver.grad_accum
     scale_to_total_batch(cfg, total)
-    overrides = [*a.opts, f"data.images_per_gpu={ipg}"]
-    job = TrainJob(str(Path(a.config).resolve()), overrides, total_batch=total,
-                   env={"OMP_NUM_THREADS": str(max(1, min(a.cpus_per_task, 8)))})  # fmt: skip
-    folder = a.folder.resolve() / "%j"
-    command = f"python -m megdet_hpc.train {' '.join(job.argv())}"
-    if a.dry_run:
-        from submitit.slurm.slurm import _make_sbatch_string
+    from megdet_hpc.launch.submitit_launcher import Resources, TrainJob, follow, make_executor, sbatch_preview
 
-        params = {"nodes": a.nodes, "ntasks_per_node": tasks, "cpus_per_task": a.cpus_per_task,
-                  "time": a.timeout, "job_name": a.job_name, "signal_delay_s": a.signal_delay,
-                  "setup": a.setup, "additional_parameters": {"requeue": True}}  # fmt: skip
-        if a.gpus_per_node:
-            params["gpus_per_node"] = a.gpus_per_node
-        if a.partition:
-            params["partition"] = a.partition
-        if a.account:
-            params["account"] = a.account
-        print(
-            _make_sbatch_string(
-                command="python -u -m submitit.core._submit <folder>", folder=folder, **params
-            )
-        )
-        print(f"# world size {world} x {ipg} image(s) = total batch {total}; each task runs:\n# {command}")
-        return 0
-    executor = make_executor(a.folder.resolve(), a.local, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-                             tasks_per_node=tasks, timeout_min=a.timeout, partition=a.partition,
-                             account=a.account, cpus_per_task=a.cpus_per_task,
-                             signal_delay_s=a.signal_delay, job_name=a.job_name, setup=a.setup)  # fmt: skip
-    submitted = executor.submit(job)
-    print(
-        f"submitted job {submitted.job_id} ({'local' if a.local else 'slurm'}); world {world}, total batch {total}"
+    res = Resources(
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        tasks_per_node=tasks,
+        timeout_min=a.timeout,
+        cpus_per_task=a.cpus_per_task,
+        signal_delay_s=a.signal_delay,
+        job_name=a.job_name,
+        partition=a.partition,
+        account=a.account,
+        setup=tuple(a.setup),
     )
+    overrides = [*a.opts, f"data.images_per_gpu={ipg}"]
+    job = TrainJob(
+        str(Path(config).resolve()),
+        overrides,
+        total_batch=total,
+        env={"OMP_NUM_THREADS": str(max(1, min(a.cpus_per_task, 8)))},
+    )
+    command = f"python -m megdet_hpc.train {' '.join(job.argv())}"
+    summary = f"world size {world} x {ipg} image(s) = total batch {total}; config {config}"
+    if a.dry_run:
+        print(sbatch_preview(a.folder.resolve() / "%j", res))
+        print(f"# {summary}\n# each task runs:\n# {command}")
+        return 0
+    executor = make_executor(a.folder.resolve(), a.local, res)
+    try:
+        submitted = executor.submit(job)
+    except Exception as exc:  # submitit's FailedJobError carries sbatch's complaint
+        if type(exc).__name__ != "FailedJobError":
+            raise
+        reason = [line.strip() for line in str(exc).splitlines() if "error" in line.lower()]
+        raise LaunchError(f"sbatch refused the job: {(reason or [str(exc)])[-1]}") from exc
+    print(f"submitted job {submitted.job_id} ({'local' if a.local else 'slurm'}); {summary}")
     print(f"logs: {submitted.paths.stdout}  {submitted.paths.stderr}")
     print(f"output: {cfg.train.output_dir}")
-    if not a.wait:
-        return 0
-    return _follow(submitted, a.local)
+    return follow(submitted, a.local) if a.wait else 0
 
 
-def _job_gone(job, local: bool) -> bool:  # type: ignore[no-untyped-def]
-    """True once the job has left the scheduler (sacct may be unavailable: ask squeue)."""
-    if local:
-        return bool(job.done())
-    import subprocess
+def local_parser() -> ArgumentParser:
+    from megdet_hpc.launch.local import LAUNCHERS
 
-    out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and not out.stdout.strip()
-
-
-def _follow(job, local: bool) -> int:  # type: ignore[no-untyped-def]
-    """Wait until every task has written its result (a requeued run keeps the job waiting)."""
-    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
-    while not all(t.paths.result_pickle.exists() for t in tasks):
-        if _job_gone(job, local):
-            time.sleep(3)  # results are written just before the job leaves the queue
-            if not all(t.paths.result_pickle.exists() for t in tasks):
-                print(f"job {job.job_id} ended without a result; see {job.paths.stderr}", file=sys.stderr)
-                return 1
-        time.sleep(1)
-    failed = []
-    for t in tasks:
-        outcome, value = _load_result(t.paths.result_pickle)
-        if outcome != "success" or value != 0:
-            failed.append(str(value).strip().splitlines()[-1] if str(value).strip() else outcome)
-    if failed:
-        print(f"job {job.job_id} failed: {failed[0]}", file=sys.stderr)
-        return 1
-    print(f"job {job.job_id} finished: {len(tasks)} task(s) succeeded")
-    return 0
+    p = ArgumentParser(prog="megdet_hpc.launch local", description="Train here under a real launcher")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="hvd-mpi")
+    p.add_argument("-np", "--nproc", type=int, default=2, help="processes")
+    p.add_argument("--config", help="default: chosen by total batch")
+    p.add_argument("train_args", nargs="*", help="overrides and flags for megdet_hpc.train")
+    return p
 
 
-def _load_result(path: Path) -> tuple[str, object]:
-    import pickle
+def _local(a) -> int:  # type: ignore[no-untyped-def]
+    from megdet_hpc.launch.local import local_command, local_env
 
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
+    if a.nproc < 1:
+        raise LaunchError(f"-np must be >= 1, got {a.nproc}")
+    argv = ["-m", "megdet_hpc.train", *(["--config", a.config] if a.config else []), *a.train_args]
+    return subprocess.run(local_command(a.launcher, a.nproc, argv), env=local_env(a.launcher)).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args and args[0] in COMMANDS else "submitit"
+    if command == "sbatch":
+        from megdet_hpc.launch.sbatch import main as sbatch_main
+
+        return sbatch_main(args)
+    if command == "local":
+        ns = local_parser().parse_known_args(args)
+        parsed, extra = ns
+        parsed.train_args = [*parsed.train_args, *extra]
+        return run_cli(lambda: _local(parsed), "megdet_hpc.launch local")
+    parsed = submitit_parser().parse(args)
+    return run_cli(lambda: _submitit(parsed), "megdet_hpc.launch")
 
 
 if __name__ == "__main__":

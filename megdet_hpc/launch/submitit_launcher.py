@@ -11,14 +11,17 @@ own handler gets the signal first (e.g. the trainer has not installed its handle
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from megdet_hpc.engine.signals import EXIT_OK, EXIT_PREEMPTED
+from megdet_hpc.launch.slurm import job_gone
+from megdet_hpc.utils.cli import EXIT_OK, EXIT_PREEMPTED
 
 
 @dataclass
@@ -53,30 +56,83 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-def make_executor(folder: Path, local: bool, *, nodes: int, gpus_per_node: int, tasks_per_node: int,
-                  timeout_min: int, partition: str, account: str, cpus_per_task: int,
-                  signal_delay_s: int, job_name: str, setup: list[str]) -> submitit.Executor:  # fmt: skip
+@dataclass(frozen=True)
+class Resources:
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    timeout_min: int
+    cpus_per_task: int
+    signal_delay_s: int
+    job_name: str
+    partition: str = ""
+    account: str = ""
+    setup: tuple[str, ...] = ()
+
+    def slurm_parameters(self) -> dict[str, Any]:
+        """submitit's SlurmExecutor parameters (also what ``--dry-run`` renders)."""
+        params: dict[str, Any] = {
+            "nodes": self.nodes,
+            "ntasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "time": self.timeout_min,
+            "job_name": self.job_name,
+            "signal_delay_s": self.signal_delay_s,
+            "setup": list(self.setup),
+            "additional_parameters": {"requeue": True},
+        }
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        if self.partition:
+            params["partition"] = self.partition
+        if self.account:
+            params["account"] = self.account
+        return params
+
+
+def make_executor(folder: Path, local: bool, res: Resources) -> submitit.Executor:
     if local:
         executor: submitit.Executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=timeout_min, tasks_per_node=tasks_per_node, nodes=1,
-                                   gpus_per_node=gpus_per_node)  # fmt: skip
+        executor.update_parameters(
+            timeout_min=res.timeout_min,
+            tasks_per_node=res.tasks_per_node,
+            nodes=1,
+            gpus_per_node=res.gpus_per_node,
+        )
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
-    params: dict[str, Any] = {
-        "nodes": nodes,
-        "ntasks_per_node": tasks_per_node,
-        "cpus_per_task": cpus_per_task,
-        "time": timeout_min,
-        "job_name": job_name,
-        "signal_delay_s": signal_delay_s,
-        "setup": setup,
-        "additional_parameters": {"requeue": True},
-    }
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    if partition:
-        params["partition"] = partition
-    if account:
-        params["account"] = account
-    executor.update_parameters(**params)
+    executor.update_parameters(**res.slurm_parameters())
     return executor
+
+
+def sbatch_preview(folder: Path, res: Resources) -> str:
+    """The sbatch script submitit would submit (its own renderer)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(
+        command="python -u -m submitit.core._submit <folder>", folder=folder, **res.slurm_parameters()
+    )
+
+
+def follow(job: submitit.Job, local: bool) -> int:
+    """Wait until every task has written its result (a requeued run keeps the job waiting); 0 when
+    all succeeded."""
+    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    while not all(t.paths.result_pickle.exists() for t in tasks):
+        if job.done() if local else job_gone(str(job.job_id)):
+            time.sleep(3)  # results are written just before the job leaves the queue
+            if not all(t.paths.result_pickle.exists() for t in tasks):
+                print(f"job {job.job_id} ended without a result; see {job.paths.stderr}", file=sys.stderr)
+                return 1
+        time.sleep(1)
+    failed = []
+    for t in tasks:
+        with open(t.paths.result_pickle, "rb") as fh:
+            outcome, value = pickle.load(fh)
+        if outcome != "success" or value != 0:
+            failed.append(str(value).strip().splitlines()[-1] if str(value).strip() else outcome)
+    if failed:
+        print(f"job {job.job_id} failed: {failed[0]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} finished: {len(tasks)} task(s) succeeded")
+    return 0

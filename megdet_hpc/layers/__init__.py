@@ -1,6 +1,6 @@
-"""Layers: Cross-GPU Batch Normalization and the model converter."""
+"""Layers: Cross-GPU Batch Normalization, the model converter, recomputation-safe checkpointing."""
 
-from megdet_hpc.layers.cgbn import CrossGPUBatchNorm2d, group_statistics
+from megdet_hpc.layers.cgbn import CrossGPUBatchNorm2d, GroupStats, group_statistics
 from megdet_hpc.layers.convert import convert_to_cgbn, count_cgbn
 
-__all__ = ["CrossGPUBatchNorm2d", "convert_to_cgbn", "count_cgbn", "group_statistics"]
+__all__ = ["CrossGPUBatchNorm2d", "GroupStats", "convert_to_cgbn", "count_cgbn", "group_statistics"]

@@ -1,23 +1,27 @@
-"""Measure this machine's collective latency/bandwidth and training-step time with real processes.
+"""Measure this machine's collectives and training step with real processes (run by the planner).
 
-``python -m megdet_hpc.perf.calibrate --collectives OUT --config C`` (under mpirun/horovodrun) times a
+``python -m megdet_hpc.perf.calibrate --collectives --config C`` (under mpirun/horovodrun) times a
 512 B allreduce (latency) and the config's gradient allreduce (bandwidth) through the launcher's comm
-backend.
-``--step OUT --config C`` times ``Trainer._step`` of a config (any world size).
+backend; ``--step --config C`` times ``Trainer.run_step`` of a config at any world size.  Rank 0
+reports through ``launch.local.write_report``; ``calibrate`` runs both and returns a ``Machine``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from megdet_hpc.launch.local import run_and_collect, write_report
+from megdet_hpc.perf.cost_model import Link, Machine
+from megdet_hpc.utils.cli import ArgumentParser, run_cli
 
 
-def collectives(out: Path, config: str, overrides: list[str], repeats: int = 200) -> None:
+def measure_collectives(config: str, overrides: list[str], repeats: int = 200) -> None:
     """Latency from a 512 B allreduce; bandwidth from the gradient allreduce the trainer really issues
     (``Comm.allreduce_coalesced_`` over tensors shaped like the config's trainable parameters)."""
     import torch
@@ -49,49 +53,118 @@ def collectives(out: Path, config: str, overrides: list[str], repeats: int = 200
     t_small, t_big = statistics.median(lat), statistics.median(bw)
     alpha = t_small / (2 * (n - 1))
     bandwidth = 2 * (n - 1) / n * numel * 4 / max(t_big - 2 * (n - 1) * alpha, 1e-9)
-    if comm.rank == 0:
-        out.write_text(json.dumps({"backend": comm.name, "size": n, "small_allreduce_s": t_small,
-                                   "gradient_allreduce_s": t_big, "gradient_tensors": len(grads),
-                                   "gradient_elements": numel, "alpha_s": alpha, "bandwidth_Bps": bandwidth}))  # fmt: skip
+    if comm.is_main:
+        write_report(
+            0,
+            {
+                "backend": comm.name,
+                "size": n,
+                "small_allreduce_s": t_small,
+                "gradient_allreduce_s": t_big,
+                "gradient_tensors": len(grads),
+                "gradient_elements": numel,
+                "alpha_s": alpha,
+                "bandwidth_Bps": bandwidth,
+            },
+        )
     distributed.shutdown()
 
 
-def step(out: Path, config: str, overrides: list[str], iters: int = 12) -> None:
-    from megdet_hpc import distributed
+TIMING_OVERRIDES = [
+    "train.checkpoint_period=0",
+    "train.checkpoint_minutes=0",
+    "train.eval_at_end=false",
+    "train.eval_period=0",
+    "train.tensorboard=false",
+]
+
+
+def timing_trainer(config: str | Path, overrides: list[str], comm: Any = None) -> Any:
+    """A ``Trainer`` ready to time ``run_step``: a fresh temporary output dir, no checkpoints, no
+    evaluation, no TensorBoard (what the calibration and the benchmarks measure)."""
     from megdet_hpc.config import load_config
     from megdet_hpc.engine import Trainer
 
+    out = tempfile.mkdtemp(prefix="megdet-timing-")
+    trainer = Trainer(load_config(config, [*overrides, *TIMING_OVERRIDES, f"train.output_dir={out}"]), comm)
+    trainer.resume_or_load(resume=False)
+    return trainer
+
+
+def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
+    from megdet_hpc import distributed
+
     comm = distributed.init()
-    tmp = Path(tempfile.mkdtemp())
-    cfg = load_config(config, [*overrides, f"train.output_dir={tmp}", "train.checkpoint_period=0",
-                               "data.num_workers=0", "train.tensorboard=false", "train.threads=1"])  # fmt: skip
-    trainer = Trainer(cfg, resume=False)
-    data = iter(trainer.loader)
+    trainer = timing_trainer(config, [*overrides, "data.num_workers=0", "train.threads=1"], comm)
     times = []
     for i in range(iters + 3):
         comm.barrier()
         t0 = time.perf_counter()
-        trainer.train_step(data)
+        trainer.run_step()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    if comm.rank == 0:
-        out.write_text(json.dumps({"size": comm.size, "s_per_iter": statistics.median(times),
-                                   "images_per_gpu": trainer.batch.images_per_gpu}))  # fmt: skip
+    if comm.is_main:
+        write_report(
+            0,
+            {
+                "size": comm.size,
+                "s_per_iter": statistics.median(times),
+                "images_per_gpu": trainer.batch.images_per_gpu,
+            },
+        )
+    trainer.checkpointer.close()
     distributed.shutdown()
 
 
+def calibrate(
+    config: str, opts: list[str], images_per_gpu: int, launcher: str = "mpirun"
+) -> tuple[Machine, dict]:
+    """Measure with real processes under ``launcher``: collectives (2 ranks: latency and the gradient
+    allreduce), the 1-process step, and the real 2-process step (CGBN over both ranks) that validates
+    the prediction."""
+    me = ["-m", "megdet_hpc.perf.calibrate"]
+
+    def collect(launch: str, n: int, *args: str) -> dict:
+        return run_and_collect(launch, n, [*me, *args], timeout=1200).reports[0]
+
+    coll = collect(launcher, 2, "--collectives", "--config", config, *opts)
+    layout = [f"data.images_per_gpu={images_per_gpu}"]
+    one = collect(
+        "single", 1, "--step", "--config", config, *opts, f"solver.total_batch={images_per_gpu}", *layout
+    )
+    two = collect(
+        launcher, 2, "--step", "--config", config, *opts, f"solver.total_batch={2 * images_per_gpu}", *layout
+    )
+    link = Link(coll["alpha_s"], coll["bandwidth_Bps"])
+    machine = Machine(
+        f"this machine (calibrated, {launcher})",
+        one["s_per_iter"] / one["images_per_gpu"],
+        gpus_per_node=os.cpu_count() or 2,
+        intra=link,
+        inter=link,
+        overlap=0.0,
+    )
+    return machine, {"launcher": launcher, "collectives": coll, "step_1": one, "step_2": two}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--collectives", type=Path)
-    p.add_argument("--step", type=Path)
-    p.add_argument("--config")
+    p = ArgumentParser(
+        prog="megdet_hpc.perf.calibrate", description="Calibration worker (run by the planner)"
+    )
+    p.add_argument("--collectives", action="store_true")
+    p.add_argument("--step", action="store_true")
+    p.add_argument("--config", required=True)
     p.add_argument("opts", nargs="*")
-    a = p.parse_args(argv)
-    if a.collectives:
-        collectives(a.collectives, a.config, a.opts)
-    if a.step:
-        step(a.step, a.config, a.opts)
-    return 0
+    a = p.parse(argv)
+
+    def _run() -> int:
+        if a.collectives:
+            measure_collectives(a.config, a.opts)
+        if a.step:
+            measure_step(a.config, a.opts)
+        return 0
+
+    return run_cli(_run, "megdet_hpc.perf.calibrate")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Horovod).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ PRESETS = {
         inter=Link(20e-6, 7e9),
         cycle_s=1e-3,
         data_s_per_iter=0.05,
-    ),  # fmt: skip
+    ),
     # A current node: H100 with NVLink inside the node, 100 Gb/s InfiniBand between nodes.
     "h100-ib100": Machine(
         "h100-ib100",
@@ -67,7 +67,7 @@ PRESETS = {
         intra=Link(5e-6, 150e9),
         inter=Link(5e-6, 12.5e9),
         cycle_s=0.0,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -106,8 +106,10 @@ def predict(m: Machine, w: Workload, gpus: int) -> Prediction:
     buffers = max(1, math.ceil(grad_bytes / m.fusion_bytes))
     grad = 0.0
     if gpus > 1:
-        grad = sum(m.allreduce_s(gpus, min(m.fusion_bytes, grad_bytes - i * m.fusion_bytes)) + m.cycle_s
-                   for i in range(buffers))  # fmt: skip
+        grad = sum(
+            m.allreduce_s(gpus, min(m.fusion_bytes, grad_bytes - i * m.fusion_bytes)) + m.cycle_s
+            for i in range(buffers)
+        )
     hidden = m.overlap * m.backward_fraction * w.images_per_gpu * m.compute_s_per_image
     exposed = max(0.0, grad - hidden)
     vote = m.allreduce_s(gpus, 64) + m.cycle_s if gpus > 1 else 0.0  # the trainer's per-step vote
@@ -126,10 +128,6 @@ def predict(m: Machine, w: Workload, gpus: int) -> Prediction:
         iterations=math.ceil(w.total_images / batch),
         time_to_train_h=math.ceil(w.total_images / batch) * iter_s / 3600,
     )
-
-
-def with_compute(m: Machine, s_per_image: float) -> Machine:
-    return replace(m, compute_s_per_image=s_per_image)
 
 
 def as_dict(p: Prediction) -> dict:

@@ -10,13 +10,13 @@ different world size).
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from megdet_hpc.config import Config, load_config
+from megdet_hpc.utils.cli import ArgumentParser, run_cli
 
 
 @dataclass(frozen=True)
@@ -78,18 +78,18 @@ def plot_schedule(schedule: LRSchedule, path: Path, points: int = 400) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m megdet_hpc.solver.schedule --config C --out lr.png``: plot the configured schedule."""
-    p = argparse.ArgumentParser(description="Plot the LR schedule of a config to PNG")
+    p = ArgumentParser(
+        prog="megdet_hpc.solver.schedule", description="Plot the LR schedule of a config to PNG"
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--out", default="lr_schedule.png", type=Path)
     p.add_argument("opts", nargs="*", help="overrides section.key=value")
-    a = p.parse_args(argv)
+    a = p.parse(argv)
 
     def _run() -> int:
         sched = LRSchedule.from_config(load_config(a.config, a.opts))
         print(f"peak lr {sched.lr(sched.warmup_images):.5g}; wrote {plot_schedule(sched, a.out)}")
         return 0
-
-    from megdet_hpc.cli import run_cli
 
     return run_cli(_run, "megdet_hpc.solver.schedule")
 

@@ -14,10 +14,9 @@ import torch
 
 from megdet_hpc.checkpoint import Checkpointer, CheckpointError, load_file, verify, write_checkpoint
 from megdet_hpc.checkpoint.io import POINTER
-from megdet_hpc.distributed.env import ClusterEnvironment
 from megdet_hpc.distributed.single import SingleProcessComm
 
-COMM = SingleProcessComm(ClusterEnvironment("local", 0, 1, 0, 1))
+COMM = SingleProcessComm()
 
 
 def state(value: float, numel: int = 10) -> dict:
@@ -90,8 +89,9 @@ write_checkpoint(Path(sys.argv[1]), 9, {"model": {"w": torch.randn(150_000_000)}
 def test_kill_9_during_save_keeps_previous(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, 3, state(3.0), {"iteration": 3})
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=repo,
-                            env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".model_0000009.pth.tmp-*")) and time.time() < deadline:
         time.sleep(0.02)
@@ -100,7 +100,8 @@ def test_kill_9_during_save_keeps_previous(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / POINTER).read_text().strip() == "model_0000003.pth"
-    ckpt = Checkpointer(tmp_path, COMM)  # cleans the dead writer's temp file
+    ckpt = Checkpointer(tmp_path, COMM)
+    ckpt.open()  # takes the directory and cleans the dead writer's temp file
     assert not list(tmp_path.glob(".*tmp*"))
     assert ckpt.find_valid() == tmp_path / "model_0000003.pth"
     assert load_file(tmp_path / "model_0000003.pth")["iteration"] == 3

@@ -28,12 +28,43 @@ def test_shipped_configs_load_and_are_consistent() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    assert parse_overrides(["solver.steps=[1,2]", "model.backbone=resnet18"]) == {
-        "solver": {"steps": [1, 2]},
-        "model": {"backbone": "resnet18"},
-    }
-    cfg = load_config(None, ["solver.base_lr=1", "model.cgbn_where=[backbone,fpn]"])
-    assert cfg.solver.base_lr == 1.0 and cfg.model.cgbn_where == ["backbone", "fpn"]
+    assert set(parse_overrides(["solver.steps=[1,2]", "model.backbone=resnet18"])) == {"solver", "model"}
+    cfg = load_config(None, ["solver.base_lr=1", "model.cgbn_where=[backbone,fpn]", "solver.steps=[1,2]"])
+    assert (
+        cfg.solver.base_lr == 1.0
+        and cfg.model.cgbn_where == ["backbone", "fpn"]
+        and cfg.solver.steps == [1, 2]
+    )
+
+
+def test_string_overrides_are_literal() -> None:
+    """YAML would read ` #2` as a comment and train in another run's directory."""
+    cfg = load_config(None, ["train.output_dir=/runs/exp #2", "data.train_images=null", "model.weights="])
+    assert cfg.train.output_dir == "/runs/exp #2"
+    assert cfg.data.train_images == "null" and cfg.model.weights == ""
+
+
+def test_yaml_scalars_follow_yaml_1_2(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("solver:\n  weight_decay: 1e-4\n  base_lr: 2E-2\ntrain:\n  seed: 0123\n")
+    cfg = load_config(tmp_path / "c.yaml", ["solver.momentum=9e-1", "train.log_period=010"])
+    assert (cfg.solver.weight_decay, cfg.solver.base_lr, cfg.train.seed) == (1e-4, 0.02, 123)
+    assert (cfg.solver.momentum, cfg.train.log_period) == (0.9, 10)
+    with pytest.raises(ConfigError, match="train.tensorboard: expected true/false, got 'yes'"):
+        load_config(None, ["train.tensorboard=yes"])
+
+
+def test_the_config_is_frozen_and_updated_by_copy() -> None:
+    import dataclasses
+
+    from megdet_hpc.config import updated
+
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.solver.max_iter = 3  # type: ignore[misc]
+    new = updated(cfg, {"solver": {"max_iter": 3}})
+    assert (new.solver.max_iter, cfg.solver.max_iter) == (3, 90000)
+    with pytest.raises(ConfigError, match="solver.max_iter must be > 0"):
+        updated(cfg, {"solver": {"max_iter": 0}})
 
 
 @pytest.mark.parametrize(
@@ -52,6 +83,19 @@ def test_overrides_are_typed() -> None:
         (["solver.grad_sync=sometimes"], "solver.grad_sync='sometimes' is not one of"),
         (["solver.grad_sync=after_backward", "solver.fp16_compression=true"], "fp16_compression needs"),
         (["solver.base_lr"], "not of the form"),
+        (["train.log_period=0"], "train.log_period must be > 0"),
+        (["train.eval_period=-1"], "train.eval_period must be >= 0"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["solver.momentum=-5"], "solver.momentum must be in"),
+        (["model.trainable_layers=9"], "model.trainable_layers must be in 0..5"),
+        (["model.anchor_sizes=[32]"], "model.anchor_sizes needs 5 positive sizes"),
+        (["model.min_size=256", "model.max_size=64"], "model.min_size=256 is larger than model.max_size=64"),
+        (["train.requeue_signals=[SIGFOO]"], "train.requeue_signals: unknown signal 'SIGFOO'"),
+        (["solver.max_nonfinite=0"], "solver.max_nonfinite must be > 0"),
+        (["solver.amp=true"], "solver.amp='true' is not one of off, fp16, bf16"),
+        (["model.activation_checkpointing=[head]"], "model.activation_checkpointing: 'head'"),
+        (["solver.base_lr=nan"], "solver.base_lr: expected a finite number"),
+        (["train.output_dir="], "train.output_dir must not be empty"),
     ],
 )
 def test_bad_values_raise_one_line_errors(overrides: list[str], message: str) -> None:
@@ -85,14 +129,42 @@ def test_inheritance_and_file_errors(tmp_path: Path) -> None:
     (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
     with pytest.raises(ConfigError, match="inheritance loop"):
         load_config(tmp_path / "loop.yaml")
+    (tmp_path / "listbase.yaml").write_text("_base_: [base.yaml]\n")
+    with pytest.raises(ConfigError, match="_base_ must be a file name"):
+        load_config(tmp_path / "listbase.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_bundled_configs_and_the_default_by_total_batch(tmp_path: Path, monkeypatch) -> None:
+    """A wheel has no checkout: configs ship in the package and resolve by name from anywhere."""
+    from megdet_hpc.config import bundled_configs, default_config_for
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/megdet_r50_fpn_bs256.yaml").solver.total_batch == 256
+    assert default_config_for(256).name == "megdet_r50_fpn_bs256.yaml"
+    assert default_config_for(16).name == default_config_for(32).name == "megdet_r50_fpn_bs16.yaml"
+    assert sorted(p.name for p in bundled_configs().glob("*.yaml")) == sorted(
+        p.name for p in (REPO / "configs").glob("*.yaml")
+    )
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "megdet_hpc.train", "--config", str(REPO / "configs/demo_cpu.yaml"),
-         "solver.max_iter=oops", f"train.output_dir={tmp_path}/out"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.train",
+            "--config",
+            str(REPO / "configs/demo_cpu.yaml"),
+            "solver.max_iter=oops",
+            f"train.output_dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "megdet_hpc.train: error: solver.max_iter: expected an integer, got 'oops'"

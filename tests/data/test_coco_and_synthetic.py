@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megdet_hpc.data.coco import CocoDetection, DataError
+from megdet_hpc.data.coco import CocoDetection, DataError, to_float
 from megdet_hpc.data.synthetic import generate
 
 
@@ -34,11 +35,14 @@ def test_dataset_filters_and_counts(tiny_data: Path) -> None:
     assert ds.stats.crowd == crowd > 0
     assert ds.stats.degenerate >= 1
     assert ds.stats.kept_boxes + ds.stats.crowd + ds.stats.degenerate == len(raw["annotations"])
-    assert ds.cat_to_label == {1: 1, 3: 2, 7: 3}
-    image, target = ds[0]
+    assert ds.cat_to_label == {1: 1, 3: 2, 7: 3} and ds.category_names[2] == "ellipse"
     assert (
-        image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+        f"{ds.stats.crowd} crowd" in ds.stats.summary()
+        and f"{ds.stats.kept_boxes} boxes kept" in ds.stats.summary()
     )
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8  # converted to float on the device
+    assert 0 <= to_float(image).min() <= to_float(image).max() <= 1
     boxes = target["boxes"]
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert set(target["labels"].tolist()) <= {1, 2, 3}
@@ -52,8 +56,9 @@ def test_empty_images_skipped_for_training_kept_for_eval(tmp_path: Path) -> None
 
 
 def test_flip_mirrors_boxes(tiny_data: Path) -> None:
-    ds = CocoDetection(tiny_data / "train", tiny_data / "annotations/instances_train.json", train=True,
-                       flip_prob=1.0)  # fmt: skip
+    ds = CocoDetection(
+        tiny_data / "train", tiny_data / "annotations/instances_train.json", train=True, flip_prob=1.0
+    )
     plain = CocoDetection(tiny_data / "train", tiny_data / "annotations/instances_train.json", train=True)
     img_f, t_f = ds[(0, 5)]
     img, t = plain[0]
@@ -71,10 +76,68 @@ def test_missing_or_broken_files_are_clear_errors(tmp_path: Path, tiny_data: Pat
         CocoDetection(tiny_data / "train", tmp_path / "bad.json", train=True)
 
 
+def _broken(tmp_path: Path, tiny_data: Path, change) -> Path:  # type: ignore[no-untyped-def]
+    data = json.loads((tiny_data / "annotations/instances_train.json").read_text())
+    change(data)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("categories"), "no 'categories' list"),
+        (lambda d: d["images"][2].pop("width"), "image #2 (id 3) has no integer 'width'"),
+        (lambda d: d["images"][0].pop("file_name"), "image id 1 has no 'file_name'"),
+        (lambda d: d["annotations"][4].pop("bbox"), "(#4) has no 'bbox'"),
+        (lambda d: d["annotations"][1].update(bbox=[1, 2, 3]), "expected 4 finite numbers"),
+        (lambda d: d["annotations"][0].update(bbox=[float("nan"), 1, 5, 5]), "has bbox [nan, 1, 5, 5]"),
+        (lambda d: d["annotations"][0].pop("category_id"), "has no integer 'category_id'"),
+    ],
+)
+def test_malformed_annotations_are_one_line_errors(
+    tmp_path: Path, tiny_data: Path, change, message: str
+) -> None:
+    path = _broken(tmp_path, tiny_data, change)
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        CocoDetection(tiny_data / "train", path, train=True)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_unknown_categories_are_counted_and_sizes_checked(tmp_path: Path, tiny_data: Path) -> None:
+    def change(d: dict) -> None:
+        d["annotations"][0]["category_id"] = 99
+        d["images"][0]["width"] = 32  # the JPEG is 64 px wide
+
+    ds = CocoDetection(tiny_data / "train", _broken(tmp_path, tiny_data, change), train=True)
+    assert ds.stats.unknown_category == 1 and "1 unknown category" in ds.stats.summary()
+    with pytest.raises(DataError, match="train_000001.jpg is 64x64 but broken.json says 32x64"):
+        ds.load_image(1)
+
+
 def test_generator_cli(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "megdet_hpc.data.synthetic", "--out", str(tmp_path / "s"),
-                         "--train", "3", "--val", "2", "--size", "48"], capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.data.synthetic",
+            "--out",
+            str(tmp_path / "s"),
+            "--train",
+            "3",
+            "--val",
+            "2",
+            "--size",
+            "48",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and (tmp_path / "s/annotations/instances_val.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "megdet_hpc.data.synthetic", "--out", str(tmp_path / "t"),
-                          "--size", "8"], capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.data.synthetic", "--out", str(tmp_path / "t"), "--size", "8"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "error:" in bad.stderr

@@ -15,8 +15,10 @@ from launchers import REPO, command, run
 from megdet_hpc.launch.local import local_env
 
 TRAIN = ["-m", "megdet_hpc.train"]
-FIXED = {"solver": {"warmup_iters": 5, "max_iter": 8, "steps": [6]},
-         "train": {"checkpoint_period": 0, "eval_at_end": False}}  # fmt: skip
+FIXED = {
+    "solver": {"warmup_iters": 5, "max_iter": 8, "steps": [6]},
+    "train": {"checkpoint_period": 0, "eval_at_end": False},
+}
 
 
 def final_state(out: Path, iteration: int) -> dict:
@@ -55,8 +57,9 @@ def _wait_for_iteration(out: Path, iteration: int, proc: subprocess.Popen, timeo
     deadline = time.time() + timeout
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(x).get("iteration", 0) >= iteration
-                                    for x in metrics.read_text().splitlines()):  # fmt: skip
+        if metrics.exists() and any(
+            json.loads(x).get("iteration", 0) >= iteration for x in metrics.read_text().splitlines()
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.returncode}\n{proc.stderr.read()[-2000:]}")
@@ -73,14 +76,22 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = local_env(launcher, pythonpath=str(REPO))
     argv = [*TRAIN, "--config", str(cfg), f"train.output_dir={out}", *extra]
-    return subprocess.Popen(command(launcher, 2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        command(launcher, 2, argv),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigusr1_checkpoints_exits_and_resumes_identically(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1, "num_workers": 1},
-                      solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1, "num_workers": 1},
+        solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     proc = _start("hvd-gloo", cfg, cut)
     _wait_for_iteration(cut, 3, proc)
@@ -134,8 +145,11 @@ def lr(out: Path) -> dict[int, float]:
 
 
 def test_killed_rank_ends_the_job_quickly(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 100000},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 100000},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     for launcher in ("hvd-gloo", "mpirun"):
         out = tmp_path / launcher
         proc = _start(launcher, cfg, out)
@@ -170,8 +184,9 @@ def test_no_resume_and_resume_from(tiny_config, tmp_path: Path) -> None:
     archived = list((out / "archive").glob("*/model_0000002.pth"))
     assert len(archived) == 1 and archived[0].read_bytes() == first
     # --resume-from an explicit file continues from it.
-    proc = run("single", 1, [*TRAIN, "--config", str(cfg), "--resume-from", str(archived[0]),
-                             "solver.max_iter=3"])  # fmt: skip
+    proc = run(
+        "single", 1, [*TRAIN, "--config", str(cfg), "--resume-from", str(archived[0]), "solver.max_iter=3"]
+    )
     assert "resumed from" in proc.stdout and (out / "model_0000003.pth").exists()
     # A garbage --resume-from is a one-line error and changes nothing.
     junk = tmp_path / "junk.pth"
@@ -190,9 +205,16 @@ def test_no_resume_and_resume_from(tiny_config, tmp_path: Path) -> None:
 
 def test_time_based_checkpoints(tiny_config, tmp_path: Path) -> None:
     """train.checkpoint_minutes: rank 0's clock raises a flag in the per-step vote (no extra collective)."""
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 5},
-                      train={"checkpoint_period": 0, "checkpoint_minutes": 1e-6, "keep_checkpoints": 10,
-                             "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 5},
+        train={
+            "checkpoint_period": 0,
+            "checkpoint_minutes": 1e-6,
+            "keep_checkpoints": 10,
+            "eval_at_end": False,
+        },
+    )
     run("mpirun", 2, [*TRAIN, "--config", str(cfg)])
     names = sorted(p.name for p in (tmp_path / "out").glob("model_*.pth"))
     assert names == [f"model_{i:07d}.pth" for i in range(1, 6)]

@@ -47,12 +47,18 @@ def test_two_process_training(tiny_config, tmp_path: Path, launcher: str) -> Non
 def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: Path) -> None:
     """MegDet's claim made testable: with CGBN, 2 GPUs x 1 image is the same SGD step as 1 GPU x 2
     images (same images, same per-image RPN/RoI samples)."""
-    common = {"solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02},
-              "train": {"checkpoint_period": 1, "eval_at_end": False}}  # fmt: skip
+    common = {
+        "solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02},
+        "train": {"checkpoint_period": 1, "eval_at_end": False},
+    }
     two = tiny_config("two.yaml", data={"images_per_gpu": 1}, **common)
     one = tiny_config("one.yaml", data={"images_per_gpu": 2}, **common)
-    run("hvd-gloo", 2, [*TRAIN, "--config", str(two), f"train.output_dir={tmp_path}/two"],
-        env={"MEGDET_CGBN_COMM": "main"})  # fmt: skip
+    run(
+        "hvd-gloo",
+        2,
+        [*TRAIN, "--config", str(two), f"train.output_dir={tmp_path}/two"],
+        env={"MEGDET_CGBN_COMM": "main"},
+    )
     run("single", 1, [*TRAIN, "--config", str(one), f"train.output_dir={tmp_path}/one"])
     a = torch.load(tmp_path / "two/model_0000001.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "one/model_0000001.pth", weights_only=True)["model"]
@@ -66,20 +72,29 @@ def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: P
 
     torch.manual_seed(0)
     fresh = build_model(load_config(one)).state_dict()
-    moved = max((fresh[k] - b[k]).abs().max().item() for k in b if b[k].is_floating_point()
-                and "running" not in k)  # fmt: skip
+    moved = max(
+        (fresh[k] - b[k]).abs().max().item() for k in b if b[k].is_floating_point() and "running" not in k
+    )
     assert moved > 1e-3
 
 
-@pytest.mark.parametrize(("launcher", "variant"), [("hvd-gloo", {"train": {"channels_last": True}}),
-                                                    ("torchrun", {"solver": {"grad_sync": "after_backward"}}),
-                                                    ("mpirun", {})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "variant"),
+    [
+        ("hvd-gloo", {"train": {"channels_last": True}}),
+        ("torchrun", {"solver": {"grad_sync": "after_backward"}}),
+        ("mpirun", {}),
+    ],
+)
 def test_gradient_paths_agree(tiny_config, tmp_path: Path, launcher: str, variant: dict) -> None:
     """Every gradient path takes the same 2-rank step: Horovod overlapped (DistributedOptimizer) is the
     reference; the variant runs the coalesced after-backward path (forced, or auto for mpi, or because
     Horovod's hooks refuse channels_last gradients)."""
-    common = {"solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02, "grad_sync": "overlap"},
-              "train": {"checkpoint_period": 1, "eval_at_end": False}, "data": {"images_per_gpu": 1}}  # fmt: skip
+    common = {
+        "solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02, "grad_sync": "overlap"},
+        "train": {"checkpoint_period": 1, "eval_at_end": False},
+        "data": {"images_per_gpu": 1},
+    }
     ref = tiny_config("ref.yaml", **common)
     for section, values in variant.items():
         common[section] = {**common.get(section, {}), **values}
@@ -95,13 +110,18 @@ def test_gradient_paths_agree(tiny_config, tmp_path: Path, launcher: str, varian
 
 
 def test_non_finite_loss_is_reported_and_aborts(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(solver={"base_lr": 1e12, "warmup_iters": 0, "max_iter": 8, "max_nonfinite": 2},
-                      train={"checkpoint_period": 1, "keep_checkpoints": 10})  # fmt: skip
+    cfg = tiny_config(
+        solver={"base_lr": 1e12, "warmup_iters": 0, "max_iter": 8, "max_nonfinite": 2},
+        train={"checkpoint_period": 1, "keep_checkpoints": 10},
+    )
     proc = run("single", 1, [*TRAIN, "--config", str(cfg)], check=False)
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "aborting after solver.max_nonfinite=2" in proc.stdout
-    bad = [int(line.split("at iteration ")[1].split()[0]) for line in proc.stdout.splitlines()
-           if "non-finite loss or gradient at iteration" in line]  # fmt: skip
+    bad = [
+        int(line.split("at iteration ")[1].split()[0])
+        for line in proc.stdout.splitlines()
+        if "non-finite loss or gradient at iteration" in line
+    ]
     assert len(bad) >= 2 and bad[1] == bad[0] + 1
     # The skipped step left the model exactly as it was: checkpoint after it == checkpoint before it.
     out = tmp_path / "out"
@@ -126,11 +146,21 @@ def test_missing_weights_file_is_a_one_line_error(tiny_config, tmp_path: Path) -
     assert "model.backbone_weights file not found" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize(("launcher", "sections", "message"), [
-    ("mpirun", {"solver": {"fp16_compression": True}}, "solver.fp16_compression needs Horovod's overlapped"),
-    ("hvd-gloo", {"solver": {"grad_sync": "overlap"}, "train": {"channels_last": True}},
-     "solver.grad_sync=overlap cannot run a channels_last model on Horovod"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "sections", "message"),
+    [
+        (
+            "mpirun",
+            {"solver": {"fp16_compression": True}},
+            "solver.fp16_compression needs Horovod's overlapped",
+        ),
+        (
+            "hvd-gloo",
+            {"solver": {"grad_sync": "overlap"}, "train": {"channels_last": True}},
+            "solver.grad_sync=overlap cannot run a channels_last model on Horovod",
+        ),
+    ],
+)
 def test_gradient_path_the_backend_cannot_run_is_a_one_line_error(
     tiny_config, tmp_path: Path, launcher: str, sections: dict, message: str
 ) -> None:
@@ -175,6 +205,10 @@ def test_evaluate_cli_on_a_checkpoint(tiny_config, tmp_path: Path) -> None:
     metrics = json.loads(line)
     assert metrics["checkpoint"].endswith("model_0000002.pth") and 0.0 <= metrics["AP50"] <= 1.0
     assert (tmp_path / "ev/bbox_results.json").exists()
-    empty = run("single", 1, ["-m", "megdet_hpc.evaluate", "--config", str(cfg), "train.output_dir=" +
-                              str(tmp_path / "nothing")], check=False)  # fmt: skip
-    assert empty.returncode == 2 and "no valid checkpoint" in empty.stderr
+    empty = run(
+        "single",
+        1,
+        ["-m", "megdet_hpc.evaluate", "--config", str(cfg), "train.output_dir=" + str(tmp_path / "nothing")],
+        check=False,
+    )
+    assert empty.returncode == 2 and "no usable checkpoint" in empty.stderr

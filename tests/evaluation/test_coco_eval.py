@@ -21,8 +21,14 @@ def ground_truth_as_detections(ds: CocoDetection, shift: float = 0.0) -> list[di
         boxes, labels = ds.targets[image_id]
         for box, label in zip(boxes.tolist(), labels.tolist()):
             x0, y0, x1, y1 = box
-            out.append({"image_id": image_id, "category_id": ds.label_to_cat[label],
-                        "bbox": [x0 + shift, y0 + shift, x1 - x0, y1 - y0], "score": 0.9})  # fmt: skip
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": ds.label_to_cat[label],
+                    "bbox": [x0 + shift, y0 + shift, x1 - x0, y1 - y0],
+                    "score": 0.9,
+                }
+            )
     return out
 
 

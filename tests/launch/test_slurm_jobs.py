@@ -11,25 +11,36 @@ from pathlib import Path
 
 import torch
 
-from megdet_hpc.launch.slurm_script import SlurmJob, render
+from megdet_hpc.launch.sbatch import SlurmJob, render
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def job_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(MEGDET_PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", **extra)  # fmt: skip
+    env.update(
+        MEGDET_PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        **extra,
+    )
     env.pop("MEGDET_COMM", None)
     return env
 
 
 def cpu_script(tmp_path: Path, name: str = "job.sh", **kw) -> Path:
-    params = {"gpus": 2, "gpus_per_node": 0, "images_per_gpu": 1, "cpus_per_task": 1, "time": "00:15:00",
-              "partition": "low", "signal_lead_s": 60, **kw}  # fmt: skip
+    params = {
+        "gpus": 2,
+        "gpus_per_node": 0,
+        "images_per_gpu": 1,
+        "cpus_per_task": 1,
+        "time": "00:15:00",
+        "partition": "low",
+        "signal_lead_s": 60,
+        **kw,
+    }
     path = tmp_path / name
-    path.write_text(render(SlurmJob(**params)))
-    (tmp_path / "logs").mkdir(exist_ok=True)
+    path.write_text(render(SlurmJob(**params)))  # no logs/ folder needed: the log goes to the submit dir
     return path
 
 
@@ -51,9 +62,15 @@ def test_sbatch_cpu_script_trains_and_checkpoints(slurm_cluster: Path, tiny_conf
     out = tmp_path / "out dir $(touch pwned) `touch pwned`"
     script = cpu_script(tmp_path, job_name="megdet 'test' $(touch pwned)", output_dir=str(out))
     cfg = tiny_config(train={"checkpoint_period": 1, "eval_at_end": False}, solver={"max_iter": 3})
-    proc = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          env=job_env(MEGDET_CONFIG=str(cfg)), timeout=300)  # fmt: skip
-    logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.out"))
+    proc = subprocess.run(
+        ["sbatch", "--wait", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=job_env(MEGDET_CONFIG=str(cfg)),
+        timeout=300,
+    )
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("*.out"))
     assert proc.returncode == 0, proc.stderr + logs[-3000:]
     assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     state = torch.load(out / "model_0000003.pth", weights_only=True)
@@ -62,14 +79,40 @@ def test_sbatch_cpu_script_trains_and_checkpoints(slurm_cluster: Path, tiny_conf
 
 
 def test_submitit_launcher_runs_to_completion(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 3},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 3},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node",
-         "2", "--cpus-per-task", "1", "--timeout", "20", "--partition", "low", "--folder", str(tmp_path / "sub"),
-         "--config", str(cfg), "--wait"],
-        cwd=REPO, capture_output=True, text=True, env=job_env(), timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.launch",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--timeout",
+            "20",
+            "--partition",
+            "low",
+            "--folder",
+            str(tmp_path / "sub"),
+            "--config",
+            str(cfg),
+            "--wait",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted job" in proc.stdout and "2 task(s) succeeded" in proc.stdout
     state = torch.load(tmp_path / "out/model_0000003.pth", weights_only=True)
@@ -78,14 +121,34 @@ def test_submitit_launcher_runs_to_completion(slurm_cluster: Path, tiny_config, 
 
 def test_launcher_dry_run_and_bad_input(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config()
-    dry = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--nodes", "2", "--gpus-per-node", "8",
-                          "--config", str(cfg), "--dry-run", "--folder", str(tmp_path / "f")],
-                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    dry = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.launch",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--config",
+            str(cfg),
+            "--dry-run",
+            "--folder",
+            str(tmp_path / "f"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert dry.returncode == 0, dry.stderr
     assert "#SBATCH --nodes=2" in dry.stdout and "--signal=USR2@120" in dry.stdout
     assert "--total-batch 32" in dry.stdout and not (tmp_path / "f").exists()
-    bad = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--config", str(tmp_path / "nope.yaml")],
-                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", "--config", str(tmp_path / "nope.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith(
         "megdet_hpc.launch: error: config file not found"
     )
@@ -99,26 +162,44 @@ def _iteration(out: Path) -> int:
 
 
 def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     script = cpu_script(tmp_path)
-    done = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(ref)), timeout=400)  # fmt: skip
+    done = subprocess.run(
+        ["sbatch", "--wait", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(ref)),
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr
-    ref_log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.out"))
-    sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, capture_output=True, text=True,
-                         env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(cut)), check=True)  # fmt: skip
+    ref_log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("*.out"))
+    sub = subprocess.run(
+        ["sbatch", "--parsable", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=job_env(MEGDET_CONFIG=str(cfg), MEGDET_OUTPUT_DIR=str(cut)),
+        check=True,
+    )
     job_id = sub.stdout.strip().split(";")[0]
     deadline = time.time() + 240
     while _iteration(cut) < 5:
         assert time.time() < deadline, "job never reached iteration 5"
         time.sleep(0.2)
     # A job in the high-priority partition needs both CPUs: Slurm preempts (SIGTERM + USR2) and requeues.
-    subprocess.run(["sbatch", "-p", "high", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 2"], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["sbatch", "-p", "high", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 2"],
+        check=True,
+        capture_output=True,
+    )
     wait_gone(job_id, timeout=400)
-    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob(f"*-{job_id}.out"))
+    log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob(f"*-{job_id}.out"))
     assert "restart 1" in log, log[-3000:]
     assert "stopped by" in log
     # 40 steps x 41 per-step collectives (20 CGBN layers x 2 + the vote) would overflow Horovod's
@@ -133,13 +214,35 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster: Path, tiny_co
 
 def test_submitit_local_executor(tiny_config, tmp_path: Path) -> None:
     """--local: submitit's local executor starts 2 tasks; they rendezvous over torch gloo."""
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 2},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 2},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "megdet_hpc.launch", "--local", "--gpus-per-node", "0", "--tasks-per-node", "2",
-         "--timeout", "10", "--folder", str(tmp_path / "sub"), "--config", str(cfg), "--wait"],
-        cwd=REPO, capture_output=True, text=True, env=job_env(), timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.launch",
+            "--local",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--timeout",
+            "10",
+            "--folder",
+            str(tmp_path / "sub"),
+            "--config",
+            str(cfg),
+            "--wait",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = torch.load(tmp_path / "out/model_0000002.pth", weights_only=True)
     assert state["world_size"] == 2
@@ -149,22 +252,49 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
     slurm_cluster: Path, tiny_config, tmp_path: Path
 ) -> None:
     """USR2 (submitit's preemption signal) to a running submitit job: checkpoint, requeue, resume, done."""
-    cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node",
-         "2", "--cpus-per-task", "1", "--timeout", "30", "--partition", "low", "--folder", str(tmp_path / "sub"),
-         "--config", str(cfg), "--wait"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.launch",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--timeout",
+            "30",
+            "--partition",
+            "low",
+            "--folder",
+            str(tmp_path / "sub"),
+            "--config",
+            str(cfg),
+            "--wait",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=job_env(),
+    )
     try:
         deadline = time.time() + 240
         while _iteration(out) < 3:
             assert time.time() < deadline and proc.poll() is None, "job never reached iteration 3"
             time.sleep(0.2)
-        job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "megdet"], capture_output=True, text=True,
-                                check=True).stdout.split()[0]  # fmt: skip
+        job_id = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-n", "megdet"], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         stdout, stderr = proc.communicate(timeout=400)
     finally:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megdet_hpc.launch.slurm_script import COMMITTED, ScriptError, SlurmJob, render
-from megdet_hpc.slurm import main as slurm_main
+from megdet_hpc.launch.sbatch import COMMITTED, ScriptError, SlurmJob, render
+from megdet_hpc.launch.sbatch import main as slurm_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_committed_scripts_are_valid_bash(gpus: int) -> None:
     nodes = max(1, gpus // 8)
     assert f"#SBATCH --nodes={nodes}\n" in text and f"--ntasks-per-node={min(gpus, 8)}\n" in text
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=USR2@120" in text
-    assert "#SBATCH --open-mode=append" in text and "--output=logs/%x-%j.out" in text
+    assert "#SBATCH --open-mode=append" in text and "--output=%x-%j.out" in text
     assert f"--total-batch {2 * gpus}" in text
 
 
@@ -58,8 +58,12 @@ def test_hostile_values_are_data_not_code(tmp_path: Path) -> None:
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     # Run the script's variable section for real (everything before the launch).
     head = text.split("set +e")[0] + 'printf "%s\\n" "$CONFIG" "$OUTPUT_DIR"\n'
-    out = subprocess.run(["bash", "-c", head.replace('mkdir -p "$OUTPUT_DIR"', "")], capture_output=True,
-                         text=True, env={"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    out = subprocess.run(
+        ["bash", "-c", head.replace('mkdir -p "$OUTPUT_DIR"', "")],
+        capture_output=True,
+        text=True,
+        env={"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2:] == [evil, evil]
     assert not marker.exists()
@@ -68,11 +72,25 @@ def test_hostile_values_are_data_not_code(tmp_path: Path) -> None:
 def test_sbatch_test_only_accepts_cpu_script(slurm_cluster: Path, tmp_path: Path) -> None:
     assert shutil.which("sbatch")
     script = tmp_path / "cpu.sh"
-    script.write_text(render(SlurmJob(gpus=2, gpus_per_node=0, cpus_per_task=1, time="00:10:00",
-                                      job_name="cpu test", partition="low")))  # fmt: skip
+    script.write_text(
+        render(
+            SlurmJob(
+                gpus=2,
+                gpus_per_node=0,
+                cpus_per_task=1,
+                time="00:10:00",
+                job_name="cpu test",
+                partition="low",
+            )
+        )
+    )
     ok = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0 and "to start at" in ok.stderr, ok.stderr
     # The GPU scripts parse; this CPU-only cluster just cannot satisfy them.
-    gpu = subprocess.run(["sbatch", "--test-only", str(REPO / "slurm/train_8gpu.sh")], capture_output=True,
-                         text=True, cwd=tmp_path)  # fmt: skip
+    gpu = subprocess.run(
+        ["sbatch", "--test-only", str(REPO / "slurm/train_8gpu.sh")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert gpu.returncode != 0 and "error" in gpu.stderr.lower() and "line" not in gpu.stderr.lower()

@@ -2,21 +2,27 @@
 
 Every rank builds the *whole* batch from the same seed, runs CGBN on its own shard, and compares its
 outputs, input gradients, (group-summed) weight/bias gradients and running statistics with a reference
-BN applied to the concatenated batch in this process.  Results (max abs errors, collective counts) go to
-``OUT/rank{r}.json`` for the pytest side to assert on.
+BN applied to the concatenated batch (float64, CPU) in this process.  Results (max abs errors,
+collective counts) go back through ``write_report`` for the pytest side to assert on.
+
+``MEGDET_TEST_DEVICE=cuda`` runs the layer on the GPU (ranks may share one), ``MEGDET_TEST_KERNELS``
+picks its kernels; fp16/bf16 cases then run under ``torch.autocast`` as in an AMP step.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+import contextlib
+import os
 
 import torch
 from torch import nn
 
 from megdet_hpc import distributed
+from megdet_hpc.launch.local import write_report
 from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+DEVICE = torch.device(os.environ.get("MEGDET_TEST_DEVICE", "cpu"))
+KERNELS = os.environ.get("MEGDET_TEST_KERNELS", "auto")
 
 C, H, W = 8, 5, 4
 
@@ -41,43 +47,51 @@ def reference(full: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias
     return y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
-def check_case(comm, name, sizes, group_size=None, offset=0.0, two_pass=False, dtype=torch.float32,
-               channels_last=False):  # fmt: skip
+def check_case(
+    comm, name, sizes, group_size=None, offset=0.0, two_pass=False, dtype=torch.float32, channels_last=False
+):
     rank, world = comm.rank, comm.size
     gs = group_size or world
     first = (rank // gs) * gs
     group_sizes = sizes[first : first + gs]
     full, grad = shards(group_sizes, offset, dtype, seed=first + len(name))
     torch.manual_seed(7)
-    layer = CrossGPUBatchNorm2d(C, group_size=group_size, two_pass=two_pass, comm=comm)
+    layer = CrossGPUBatchNorm2d(C, group_size=group_size, two_pass=two_pass, comm=comm, kernels=KERNELS)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(C) + 0.5)
         layer.bias.copy_(torch.randn(C))
+    layer.to(DEVICE)
     start = sum(group_sizes[: rank - first])
     stop = start + group_sizes[rank - first]
-    x = full[start:stop].clone()
+    x = full[start:stop].clone().to(DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
+    amp = dtype in (torch.float16, torch.bfloat16) and DEVICE.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=dtype) if amp else contextlib.nullcontext()
     comm.counters.reset(keep_log=True)
-    y = layer(x)
+    with autocast:
+        y = layer(x)
     fwd_log = list(comm.counters.log)
     comm.counters.reset(keep_log=True)
-    (y.float() * grad[start:stop].float()).sum().backward()
+    (y.float() * grad[start:stop].float().to(DEVICE)).sum().backward()
     bwd_log = list(comm.counters.log)
-    ref_y, ref_gx, ref_gw, ref_gb, ref_rm, ref_rv = reference(full, grad, layer.weight.detach(),
-                                                              layer.bias.detach())  # fmt: skip
-    gw = layer.weight.grad.detach().clone()
-    gb = layer.bias.grad.detach().clone()
+    y, layer = y.cpu(), layer.cpu()
+    ref_y, ref_gx, ref_gw, ref_gb, ref_rm, ref_rv = reference(
+        full, grad, layer.weight.detach(), layer.bias.detach()
+    )
+    gw = layer.weight.grad.detach().clone().to(DEVICE)
+    gb = layer.bias.grad.detach().clone().to(DEVICE)
     group = comm.contiguous_group(group_size)
     comm.allreduce_(gw, group)
     comm.allreduce_(gb, group)
+    gw, gb = gw.cpu(), gb.cpu()
     # Running buffers must be bit-identical on every rank of the group.
     buffers = comm.allgather_object((layer.running_mean.tolist(), layer.running_var.tolist()))
     same_buffers = all(b == buffers[first] for b in buffers[first : first + gs])
     err = {
         "y": (y.double() - ref_y[start:stop]).abs().max().item() if stop > start else 0.0,
-        "grad_x": (x.grad.double() - ref_gx[start:stop]).abs().max().item() if stop > start else 0.0,
+        "grad_x": (x.grad.cpu().double() - ref_gx[start:stop]).abs().max().item() if stop > start else 0.0,
         "grad_w": (gw.double() - ref_gw).abs().max().item(),
         "grad_b": (gb.double() - ref_gb).abs().max().item(),
         "running_mean": (layer.running_mean.double() - ref_rm).abs().max().item(),
@@ -91,7 +105,7 @@ def check_case(comm, name, sizes, group_size=None, offset=0.0, two_pass=False, d
     return err
 
 
-def main(out: Path) -> None:
+def main() -> None:
     comm = distributed.init()
     world = comm.size
     results = {"backend": comm.name, "world": world, "rank": comm.rank}
@@ -107,20 +121,22 @@ def main(out: Path) -> None:
     if world % 2 == 0 and world > 2:
         results["group2"] = check_case(comm, "group2", uneven, group_size=2)
     # Eval mode communicates nothing.
-    layer = CrossGPUBatchNorm2d(C, comm=comm).eval()
+    layer = CrossGPUBatchNorm2d(C, comm=comm).eval().to(DEVICE)
     comm.counters.reset()
-    layer(torch.randn(2, C, H, W))
+    layer(torch.randn(2, C, H, W, device=DEVICE))
     results["eval_collectives"] = sum(comm.counters.calls.values())
     # A group size that does not divide the world is refused with a clear error.
     try:
-        CrossGPUBatchNorm2d(C, group_size=world + 1, comm=comm).train()(torch.randn(2, C, H, W))
+        CrossGPUBatchNorm2d(C, group_size=world + 1, comm=comm).train().to(DEVICE)(
+            torch.randn(2, C, H, W, device=DEVICE)
+        )
         results["bad_group_error"] = ""
     except Exception as exc:  # noqa: BLE001 - we record the message
         results["bad_group_error"] = str(exc)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{comm.rank}.json").write_text(json.dumps(results))
+    results["device"] = str(DEVICE)
+    write_report(comm.rank, results)
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

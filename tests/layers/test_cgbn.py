@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from launchers import run
+from launchers import collect
 from torch import nn
 
 from megdet_hpc.layers import CrossGPUBatchNorm2d, convert_to_cgbn, count_cgbn
@@ -24,12 +22,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], l
     out: dict[tuple[str, int], list[dict]] = {}
     for launcher in ("hvd-gloo", "hvd-mpi", "mpirun", "torchrun"):
         for nproc in (2, 4):
-            folder = tmp_path_factory.mktemp(f"{launcher}-{nproc}")
             # Horovod itself carries the statistics here (MEGDET_CGBN_COMM=main), not mpi4py.
-            run(launcher, nproc, [WORKER, str(folder)], env={"MEGDET_CGBN_COMM": "main"}, timeout=240)
-            out[(launcher, nproc)] = [
-                json.loads((folder / f"rank{r}.json").read_text()) for r in range(nproc)
-            ]
+            out[(launcher, nproc)] = collect(
+                launcher, nproc, [WORKER], env={"MEGDET_CGBN_COMM": "main"}, timeout=240
+            )
+            assert len(out[(launcher, nproc)]) == nproc
     return out
 
 
@@ -121,3 +118,32 @@ def test_module_pickles_without_comm_handles() -> None:
     layer(torch.randn(2, C, 3, 3))
     clone = copy.deepcopy(layer)
     assert clone._comm is None and torch.equal(clone.running_mean, layer.running_mean)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_forced_path_in_one_process_matches_float64_bn(momentum: float | None) -> None:
+    """The statistics path itself (what force_sync benchmarks), ill-conditioned inputs included."""
+    from megdet_hpc.distributed.single import SingleProcessComm
+
+    for offset in (0.0, 1e4):
+        gen = torch.Generator().manual_seed(3)
+        x64 = torch.randn(4, C, 5, 6, generator=gen, dtype=torch.float64) * 2 + offset
+        g64 = torch.randn(x64.shape, generator=gen, dtype=torch.float64)
+        layer = CrossGPUBatchNorm2d(C, momentum=momentum, comm=SingleProcessComm(), force_sync=True)
+        ref = nn.BatchNorm2d(C, momentum=momentum).double()
+        for _ in range(3):  # running statistics over several steps (momentum None: cumulative average)
+            x = x64.float().requires_grad_(True)
+            xr = x64.clone().requires_grad_(True)
+            y, yr = layer(x), ref(xr)
+            (y.double() * g64).sum().backward()
+            (yr * g64).sum().backward()
+        assert (y.double() - yr).abs().max() < 1e-5
+        assert (x.grad.double() - xr.grad).abs().max() < 1e-5
+        assert (layer.running_var.double() - ref.running_var).abs().max() < 1e-5
+        assert (layer.running_mean.double() - ref.running_mean).abs().max() < 1e-5 * (1 + offset / 10)
+        assert int(layer.num_batches_tracked) == 3
+
+
+def test_kernels_argument_is_checked() -> None:
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        CrossGPUBatchNorm2d(C, kernels="fast")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megdet_hpc.launch.local import local_env
+from megdet_hpc.perf.__main__ import main as plan_main
 from megdet_hpc.perf.cost_model import PRESETS, Link, Machine, Workload, predict
-from megdet_hpc.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,10 +44,36 @@ def test_predictions_scale_sensibly() -> None:
 
 def test_megdet_shape_with_2018_parameters(tmp_path: Path) -> None:
     """16 -> 256 images on 8 -> 128 GPUs: time-to-train falls from ~33 h to a few hours."""
-    assert plan_main(["--config", str(REPO / "configs/megdet_r50_fpn_bs16.yaml"), "--preset", "megdet2018",
-                      "--gpus", "8", "--out", str(tmp_path / "a")]) == 0  # fmt: skip
-    assert plan_main(["--config", str(REPO / "configs/megdet_r50_fpn_bs256.yaml"), "--preset", "megdet2018",
-                      "--gpus", "128", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    assert (
+        plan_main(
+            [
+                "--config",
+                str(REPO / "configs/megdet_r50_fpn_bs16.yaml"),
+                "--preset",
+                "megdet2018",
+                "--gpus",
+                "8",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        plan_main(
+            [
+                "--config",
+                str(REPO / "configs/megdet_r50_fpn_bs256.yaml"),
+                "--preset",
+                "megdet2018",
+                "--gpus",
+                "128",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     h8 = json.loads((tmp_path / "a/plan.json").read_text())["predictions"][0]["time_to_train_h"]
     h128 = json.loads((tmp_path / "b/plan.json").read_text())["predictions"][0]["time_to_train_h"]
     assert 28 < h8 < 40 and 1.5 < h128 < 6
@@ -64,9 +90,28 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
     """--calibrate measures collectives and steps under mpirun and validates against a real 2-rank step
     (the accuracy target is a benchmark matter: bench/results/plan_demo*)."""
     cfg = tiny_config(data={"images_per_gpu": 1}, train={"checkpoint_period": 0, "eval_at_end": False})
-    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.plan", "--config", str(cfg), "--calibrate",
-                           "--launcher", "mpirun", "--gpus", "1", "2", "--out", str(tmp_path / "plan")],
-                          cwd=REPO, env=local_env("single"), capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megdet_hpc.perf",
+            "--config",
+            str(cfg),
+            "--calibrate",
+            "--launcher",
+            "mpirun",
+            "--gpus",
+            "1",
+            "2",
+            "--out",
+            str(tmp_path / "plan"),
+        ],
+        cwd=REPO,
+        env=local_env("single"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = json.loads((tmp_path / "plan/plan.json").read_text())
     coll = plan["collectives"]

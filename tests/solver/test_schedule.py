@@ -14,9 +14,15 @@ from megdet_hpc.solver.schedule import main as schedule_main
 
 
 def make(total: int = 16, **solver) -> LRSchedule:
-    opts = [f"solver.total_batch={total}", "solver.base_lr=0.02", "solver.base_batch=16",
-            "solver.warmup_iters=100", "solver.warmup_factor=0.1", "solver.steps=[1000,2000]",
-            "solver.max_iter=3000"] + [f"solver.{k}={v}" for k, v in solver.items()]  # fmt: skip
+    opts = [
+        f"solver.total_batch={total}",
+        "solver.base_lr=0.02",
+        "solver.base_batch=16",
+        "solver.warmup_iters=100",
+        "solver.warmup_factor=0.1",
+        "solver.steps=[1000,2000]",
+        "solver.max_iter=3000",
+    ] + [f"solver.{k}={v}" for k, v in solver.items()]
     return LRSchedule.from_config(load_config(None, opts))
 
 
@@ -52,16 +58,21 @@ def test_plot_and_cli(tmp_path: Path) -> None:
     out = plot_schedule(make(16), tmp_path / "lr.png")
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
     repo = Path(__file__).resolve().parents[2]
-    assert schedule_main(["--config", str(repo / "configs/megdet_r50_fpn_bs256.yaml"),
-                          "--out", str(tmp_path / "b.png")]) == 0  # fmt: skip
+    assert (
+        schedule_main(
+            ["--config", str(repo / "configs/megdet_r50_fpn_bs256.yaml"), "--out", str(tmp_path / "b.png")]
+        )
+        == 0
+    )
     assert (tmp_path / "b.png").exists()
     assert schedule_main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_optimizer_groups_weight_decay() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
-    cfg = load_config(None, ["solver.weight_decay=0.1", "solver.weight_decay_norm=0.0",
-                             "solver.weight_decay_bias=0.0"])  # fmt: skip
+    cfg = load_config(
+        None, ["solver.weight_decay=0.1", "solver.weight_decay_norm=0.0", "solver.weight_decay_bias=0.0"]
+    )
     opt = build_optimizer(cfg, model)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["norm"]["weight_decay"] == 0.0 and len(by_name["norm"]["params"]) == 2

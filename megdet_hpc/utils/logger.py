@@ -36,5 +36,11 @@ def progress_bar(total: int, desc: str, enabled: bool, **kwargs: Any) -> tqdm:
     """
     interactive = (kwargs.get("file") or sys.stderr).isatty()
     kwargs.setdefault("mininterval", 0.1 if interactive else 30.0)
-    return tqdm(total=total, desc=desc, disable=not enabled, ascii=not interactive,
-                dynamic_ncols=interactive, **kwargs)  # fmt: skip
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        ascii=not interactive,
+        dynamic_ncols=interactive,
+        **kwargs,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from megdet_hpc.utils_logging import progress_bar
+from megdet_hpc.utils.logger import progress_bar
 
 
 class _Terminal(io.StringIO):

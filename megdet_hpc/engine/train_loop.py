@@ -1,0 +1,121 @@
+"""The training loop and its hooks, in the shape of detectron2's ``engine/train_loop.py``.
+
+``TrainerBase.train`` is a short loop: ``run_step`` then every hook's ``after_step``.  Policies --
+checkpointing, evaluation, metrics and progress, the non-finite guard, preemption -- are hooks.
+
+One difference from detectron2, and the reason for ``HookBase.vote_flags``: a multi-rank job must
+take every decision on every rank at the same iteration (stop and checkpoint, skip a non-finite step),
+and a collective per decision per step would cost latency on every step.  So each hook contributes
+named booleans before the step, ``run_step`` reduces them together with the loss values and the
+non-finite flag in **one** collective, and the hooks read the agreed values from the ``StepResult``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from megdet_hpc.utils.cli import EXIT_OK
+
+log = logging.getLogger("megdet_hpc.engine")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did, identical on every rank."""
+
+    iteration: int  # iterations completed, this step included
+    images_seen: int
+    lr: float
+    losses: dict[str, float]  # each loss term, mean over ranks
+    skipped: bool = False  # non-finite loss or gradient: weights, optimizer and BN buffers unchanged
+    flags: dict[str, bool] = field(default_factory=dict)  # hook flags, True if any rank raised them
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses.values())
+
+
+class StopTraining(Exception):
+    """Raised by a hook to end training with ``exit_code`` (preempted, aborted)."""
+
+    def __init__(self, exit_code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class HookBase:
+    """A training policy.  ``trainer`` is set when the hook is registered."""
+
+    trainer: TrainerBase
+
+    def before_train(self) -> None:
+        """Once, before the first step."""
+
+    def vote_flags(self) -> dict[str, bool]:
+        """Flags this rank raises for the coming step; the step's single collective ORs them over ranks."""
+        return {}
+
+    def after_step(self, result: StepResult) -> None:
+        """After every step, with the agreed result."""
+
+    def after_train(self) -> None:
+        """Once, when training reached its last iteration (not after a stop)."""
+
+    def close(self) -> None:
+        """Always, last: release what ``before_train`` acquired."""
+
+
+class TrainerBase:
+    """A loop over ``run_step`` with hooks; subclasses build the model and implement ``run_step``."""
+
+    iteration: int
+    max_iter: int
+
+    def __init__(self) -> None:
+        self._hooks: list[HookBase] = []
+        self.completed = False
+
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        for hook in hooks:
+            hook.trainer = self
+            self._hooks.append(hook)
+
+    @property
+    def hooks(self) -> list[HookBase]:
+        return list(self._hooks)
+
+    def vote_flags(self) -> dict[str, bool]:
+        flags: dict[str, bool] = {}
+        for hook in self._hooks:
+            for name, value in hook.vote_flags().items():
+                if name in flags:
+                    raise RuntimeError(f"two hooks vote on the flag {name!r}")
+                flags[name] = bool(value)
+        return flags
+
+    def run_step(self) -> StepResult:
+        raise NotImplementedError
+
+    def train(self) -> int:
+        """Run to ``max_iter``; returns the exit code (0, or the one a hook stopped with)."""
+        code = EXIT_OK
+        try:
+            for hook in self._hooks:
+                hook.before_train()
+            try:
+                while self.iteration < self.max_iter:
+                    result = self.run_step()
+                    for hook in self._hooks:
+                        hook.after_step(result)
+                self.completed = True
+                for hook in self._hooks:
+                    hook.after_train()
+            except StopTraining as stop:
+                if str(stop):
+                    log.error("%s", stop)
+                code = stop.exit_code
+        finally:
+            for hook in reversed(self._hooks):
+                hook.close()
+        return code

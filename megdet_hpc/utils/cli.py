@@ -1,0 +1,66 @@
+"""One error path for every entry point (``python -m megdet_hpc.<x>``).
+
+* Bad input (``UserError``, argparse errors) -> one line ``prog: error: ...`` on stderr, exit code 2.
+* Anything else -> its traceback, exit code 1.
+* In a multi-rank MPI job a rank that fails calls ``MPI_Abort``: mpi4py would otherwise block in
+  ``MPI_Finalize`` at exit while its peers wait in the next collective, and the job would hang until
+  its wall time (Horovod and torchrun tear the job down by themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from megdet_hpc.utils.errors import UserError, one_line
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a bug: traceback printed
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 3  # checkpoint written after a signal; resume (or the requeued job) continues the run
+EXIT_NONFINITE = 4  # too many consecutive non-finite losses
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error line (no usage dump) and overrides anywhere on the line."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """Like ``parse_args``, but positional overrides may also follow flags
+        (``--no-resume solver.max_iter=4``)."""
+        return self.parse_intermixed_args(argv)
+
+
+def run_cli(main: Callable[[], int], prog: str) -> int:
+    """Run ``main`` and map its failures to exit codes (see module docstring)."""
+    try:
+        return main()
+    except UserError as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - a bug: keep the traceback, still end the job
+        traceback.print_exc()
+        code = EXIT_FAILED
+    abort_mpi_job(code)
+    return code
+
+
+def abort_mpi_job(code: int) -> None:
+    """End every rank of an MPI world of more than one process (no-op otherwise)."""
+    mpi_module = sys.modules.get("mpi4py.MPI")
+    if mpi_module is None:
+        return
+    mpi = mpi_module
+    if not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() < 2:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
