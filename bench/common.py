@@ -8,16 +8,13 @@ through ``megdet_hpc.launch.local.run_and_collect``: workers call ``write_report
 from __future__ import annotations
 
 import json
-import os
-import platform
-import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from megdet_hpc.launch.local import run_and_collect
+from megdet_hpc.utils.provenance import environment
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -43,48 +40,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "-" if v is None else str(v)
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if sha.returncode != 0:
-            return "unknown"
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def environment() -> dict[str, Any]:
-    """What produced a result: commit, library versions, host, device."""
-    import torch
-    import torchvision
-
-    env: dict[str, Any] = {
-        "commit": _git_commit(),
-        "host": socket.gethostname(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
-    try:
-        import horovod
-
-        env["horovod"] = horovod.__version__
-    except ImportError:
-        env["horovod"] = None
-    return env
 
 
 def write_result(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:

@@ -302,12 +302,12 @@ def stats_comm() -> Comm:
 
     ``main`` is the training comm: Horovod under horovodrun (MegDet's design), torch.distributed under
     torchrun, mpi4py under mpirun with ``MEGDET_COMM=mpi``.  ``mpi`` routes the statistics through
-    mpi4py over the same MPI world while gradients stay on the training comm.  bench/cgbn.py chose the
-    default: one isolated 2C+1 allreduce costs ~6 us through mpi4py against ~1 ms through Horovod,
-    but inside the BN loop of a Horovod-MPI job the mpi4py route was 3.6x *slower* (OpenMPI's
-    THREAD_MULTIPLE lock contends with Horovod's background thread), so ``main`` is the default and
-    ``mpi`` an option for machines where it measures faster.
+    mpi4py over the same MPI world while gradients stay on the training comm.  ``bench/cgbn.py`` chose
+    the default (``bench/results/cgbn.json``): an isolated 2C+1 allreduce is far cheaper through
+    mpi4py than through Horovod, but inside the BN loop of a Horovod-MPI job the mpi4py route was
+    slower (OpenMPI's THREAD_MULTIPLE lock contends with Horovod's background thread).
     """
+
     global _STATS_COMM
     if _STATS_COMM is not None:
         return _STATS_COMM

@@ -132,7 +132,9 @@ def plan(a) -> int:  # type: ignore[no-untyped-def]
             f"({100 * err:+.1f}%)"
         )
     a.out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine.name, "predictions": [as_dict(r) for r in preds], **extra}
+    from megdet_hpc.utils.provenance import environment
+
+    payload = {"machine": machine.name, "predictions": [as_dict(r) for r in preds], **extra, "env": environment()}
     (a.out / "plan.json").write_text(json.dumps(payload, indent=2))
     _plot(a, preds, machine)
     print(f"wrote {a.out / 'plan.json'} and {a.out / 'plan.png'}")

@@ -27,6 +27,13 @@ def test_shipped_configs_load_and_are_consistent() -> None:
     plan_batch(2, demo.data.images_per_gpu, demo.solver.grad_accum, demo.solver.total_batch, None)
 
 
+def test_every_shipped_config_loads() -> None:
+    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert "custom_dataset_template.yaml" in names
+    for name in names:
+        load_config(REPO / "configs" / name)
+
+
 def test_overrides_are_typed() -> None:
     assert set(parse_overrides(["solver.steps=[1,2]", "model.backbone=resnet18"])) == {"solver", "model"}
     cfg = load_config(None, ["solver.base_lr=1", "model.cgbn_where=[backbone,fpn]", "solver.steps=[1,2]"])

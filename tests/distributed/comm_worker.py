@@ -1,17 +1,14 @@
-"""Exercises every Comm primitive on a real multi-process job; writes OUT/rank{r}.json."""
+"""Exercises every Comm primitive on a real multi-process job; every rank reports (``write_report``)."""
 
 from __future__ import annotations
-
-import json
-import sys
-from pathlib import Path
 
 import torch
 
 from megdet_hpc import distributed
+from megdet_hpc.launch.local import write_report
 
 
-def main(out: Path) -> None:
+def main() -> None:
     comm = distributed.init()
     r, n = comm.rank, comm.size
     t = torch.full((5,), float(r + 1))
@@ -57,10 +54,9 @@ def main(out: Path) -> None:
         "stats_comm": stats.name,
         "calls": dict(comm.counters.calls),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{r}.json").write_text(json.dumps(report))
+    write_report(r, report)
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

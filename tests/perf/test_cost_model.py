@@ -120,3 +120,21 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
     v = plan["validation"]
     assert v["measured_2_s"] > 0 and v["predicted_2_s"] >= plan["step_1"]["s_per_iter"]
     assert "validation: 2 processes predicted" in proc.stdout
+
+
+def test_planner_takes_the_measured_gpu_step_when_there_is_one(tmp_path: Path, capsys) -> None:
+    """bench/gpu.sh's result replaces the H100 preset's typed-in compute time (and says so)."""
+    cfg = str(REPO / "configs/megdet_r50_fpn_bs16.yaml")
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3"},
+                               "step": [{"contender": "Trainer.run_step", "images": 2, "s_per_iter": 0.07}]}))  # fmt: skip
+    assert plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(gpu), "--out", str(tmp_path / "m")]) == 0
+    measured = json.loads((tmp_path / "m/plan.json").read_text())
+    assert measured["compute_source"] == str(gpu) and "compute measured: NVIDIA H100" in measured["machine"]
+    assert measured["predictions"][0]["compute_s"] == pytest.approx(0.07)
+    assert plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(tmp_path / "none.json"),
+                      "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "p/plan.json").read_text())["compute_source"] == "preset constant"
+    gpu.write_text("{}")
+    assert plan_main(["--config", cfg, "--gpu-json", str(gpu), "--out", str(tmp_path / "x")]) == 2
+    assert "not a bench/gpu.sh result" in capsys.readouterr().err

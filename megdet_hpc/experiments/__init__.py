@@ -1,0 +1,1 @@
+"""Experiments: reruns of the paper's claims at toy scale (``megdet_table``)."""
