@@ -55,16 +55,16 @@ def test_the_wheel_holds_every_package_and_the_data_files(fresh_venv) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {str(p.relative_to(REPO)) for p in (REPO / "megdet_hpc").rglob("*.py")}
     assert packages <= names, sorted(packages - names)
-    assert "megdet_hpc/data/__init__.py" in names and "megdet_hpc/launch/templates/train.sbatch.sh.in" in names
+    assert (
+        "megdet_hpc/data/__init__.py" in names and "megdet_hpc/launch/templates/train.sbatch.sh.in" in names
+    )
     configs = {f"megdet_hpc/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     assert configs <= names, sorted(configs - names)
 
 
 def test_every_module_imports_from_the_installed_wheel(fresh_venv, tmp_path: Path) -> None:
     _, venv = fresh_venv
-    modules = sorted(
-        m.name for m in pkgutil.walk_packages([str(REPO / "megdet_hpc")], prefix="megdet_hpc.")
-    )
+    modules = sorted(m.name for m in pkgutil.walk_packages([str(REPO / "megdet_hpc")], prefix="megdet_hpc."))
     code = (
         "import importlib, sys, megdet_hpc\n"
         f"assert megdet_hpc.__file__.startswith({str(venv)!r}), megdet_hpc.__file__\n"
@@ -72,7 +72,9 @@ def test_every_module_imports_from_the_installed_wheel(fresh_venv, tmp_path: Pat
         "    importlib.import_module(name)\n"
         "print(len(sys.modules))\n"
     )
-    proc = subprocess.run([str(venv / "bin/python"), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(venv / "bin/python"), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -94,7 +96,9 @@ def test_two_iterations_on_the_embedded_data_from_outside_the_checkout(fresh_ven
     assert (tmp_path / "out/model_0000002.pth").exists() and (tmp_path / "out/eval/metrics.json").exists()
 
 
-@pytest.mark.parametrize("entry", MODULE_MAINS + CONSOLE_SCRIPTS + ["megdet_hpc.launch sbatch", "megdet_hpc.launch local"])
+@pytest.mark.parametrize(
+    "entry", MODULE_MAINS + CONSOLE_SCRIPTS + ["megdet_hpc.launch sbatch", "megdet_hpc.launch local"]
+)
 def test_every_entry_point_answers_help(fresh_venv, tmp_path: Path, entry: str) -> None:
     _, venv = fresh_venv
     if entry.startswith("megdet-"):

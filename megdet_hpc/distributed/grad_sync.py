@@ -87,6 +87,10 @@ class GradientSync:
         self.optimizer.zero_grad()  # set_to_none is the default (and Horovod takes no argument)
         self._synced = False
 
+    def discard(self) -> None:
+        """Drop this step's gradients (a skipped step): nothing is reduced that will not be used."""
+        self.zero_grad()
+
 
 class HorovodGradientSync(GradientSync):
     def __init__(
@@ -128,6 +132,11 @@ class HorovodGradientSync(GradientSync):
 
     def _no_resync(self) -> contextlib.AbstractContextManager[None]:
         return self.optimizer.skip_synchronize()
+
+    def discard(self) -> None:
+        # Reductions started during backward must finish before the optimizer may zero gradients.
+        self.synchronize()
+        self.zero_grad()
 
 
 class DDPGradientSync(GradientSync):

@@ -149,7 +149,10 @@ class PeriodicCheckpointer(HookBase):
             self._last = time.monotonic()
 
     def after_train(self) -> None:
-        self.trainer.save_checkpoint(block=True)
+        t = self.trainer
+        if t.checkpointer.last_saved_iteration != t.iteration:
+            t.save_checkpoint(block=True)
+        t.checkpointer.wait()  # the final checkpoint is on disk before the final evaluation
 
 
 class EvalHook(HookBase):

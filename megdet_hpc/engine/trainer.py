@@ -336,10 +336,9 @@ class Trainer(TrainerBase):
         grads_bad, unscaled = self._clip_gradients()
         skipped, flags, mean_losses = self._vote(losses, grads_bad)
         if skipped:
-            self.sync.synchronize()  # finish outstanding overlapped reductions before dropping them
             if unscaled:
                 self.scaler.update()  # type: ignore[union-attr]
-            self.sync.zero_grad()
+            self.sync.discard()
             self._buffers.restore()
         else:
             self.sync.step(self.scaler)

@@ -91,7 +91,9 @@ class Outcome:
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
-def train_command(run: Run, images: int, folder: Path, data: Path, config: Path) -> tuple[list[str], dict[str, str]]:
+def train_command(
+    run: Run, images: int, folder: Path, data: Path, config: Path
+) -> tuple[list[str], dict[str, str]]:
     from megdet_hpc.launch.local import local_command, local_env
 
     iters_at_base = images // BASE_BATCH
@@ -119,7 +121,15 @@ def train_command(run: Run, images: int, folder: Path, data: Path, config: Path)
         "train.tensorboard=false",
         "eval.vis_images=4",
     ]
-    argv = ["-m", "megdet_hpc.train", "--config", str(config), "--total-batch", str(run.total_batch), *overrides]
+    argv = [
+        "-m",
+        "megdet_hpc.train",
+        "--config",
+        str(config),
+        "--total-batch",
+        str(run.total_batch),
+        *overrides,
+    ]
     launcher = "mpirun" if run.ranks > 1 else "single"  # ... and rescaled in images to the run's batch
     # Oversubscribed ranks must yield while they wait in MPI, or pollers starve the ranks computing.
     env = local_env(launcher, {"OMPI_MCA_mpi_yield_when_idle": "1", "MEGDET_COMM": "mpi"})
@@ -127,14 +137,18 @@ def train_command(run: Run, images: int, folder: Path, data: Path, config: Path)
 
 
 def read_outcome(run: Run, folder: Path, state: dict[str, Any]) -> Outcome:
-    out = Outcome(asdict(run), state.get("status", "pending"), state.get("exit_code"), state.get("wall_s", 0.0))
+    out = Outcome(
+        asdict(run), state.get("status", "pending"), state.get("exit_code"), state.get("wall_s", 0.0)
+    )
     metrics = folder / "eval" / "metrics.json"
     if out.status == "done" and metrics.is_file():
         m = json.loads(metrics.read_text())
         out.AP, out.AP50 = m["AP"], m["AP50"]
     rows = []
     if (folder / "metrics.jsonl").is_file():
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
     train = [r for r in rows if "loss" in r]
     if train:
         out.images_per_s = statistics.median(r["images_per_s"] for r in train[len(train) // 5 :] or train)
@@ -165,7 +179,10 @@ def execute(run: Run, images: int, out: Path, data: Path, config: Path) -> dict[
     state["exit_code"] = code
     state["status"] = "done" if code == EXIT_OK else "diverged" if code == EXIT_NONFINITE else "failed"
     state_file.write_text(json.dumps(state))
-    print(f"[megdet_table] {run.name}: {state['status']} (exit {code}) after {state['wall_s']:.0f} s", flush=True)
+    print(
+        f"[megdet_table] {run.name}: {state['status']} (exit {code}) after {state['wall_s']:.0f} s",
+        flush=True,
+    )
     return state
 
 
@@ -201,7 +218,9 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    large = [o for o in outcomes if Run(**o.run).total_batch == 16 and Run(**o.run).warmup and o.AP is not None]
+    large = [
+        o for o in outcomes if Run(**o.run).total_batch == 16 and Run(**o.run).warmup and o.AP is not None
+    ]
     large.sort(key=lambda o: Run(**o.run).bn_size)
     ax.plot([Run(**o.run).bn_size for o in large], [o.AP for o in large], "o-", label="batch 16, warmup")
     base = [o for o in outcomes if Run(**o.run).total_batch == 4 and o.AP is not None]
@@ -210,7 +229,14 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     nowarm = [o for o in outcomes if not Run(**o.run).warmup]
     for o in nowarm:
         y = o.AP if o.AP is not None else 0.0
-        ax.scatter([Run(**o.run).bn_size], [y], marker="x", color="C3", s=60, label=f"batch 16, no warmup ({o.status})")
+        ax.scatter(
+            [Run(**o.run).bn_size],
+            [y],
+            marker="x",
+            color="C3",
+            s=60,
+            label=f"batch 16, no warmup ({o.status})",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("BN size (images per BN statistic)")
     ax.set_ylabel("COCO AP (val)")

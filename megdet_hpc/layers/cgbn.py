@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megdet_hpc.distributed import Comm, Group, stats_comm
@@ -380,10 +381,10 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats or (self.group_size == 1 and not self.force_sync):
-            return super().forward(input)
+            return self._local_forward(input)
         comm = self._resolve_comm()
         if (self._group.size if self._group is not None else comm.size) == 1 and not self.force_sync:
-            return super().forward(input)
+            return self._local_forward(input)
 
         if recompute.current_mode() == recompute.REPLAY:
             stats = self._replay.popleft()
@@ -416,6 +417,17 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             self._group,
             self._name,
         )
+
+    def _local_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``nn.BatchNorm2d``; recomputed under activation checkpointing it normalises with the batch
+        statistics again but leaves the running ones alone (they were updated by the forward): the same
+        call with momentum 0 -- ``(1 - 0) r + 0 b`` is ``r`` bit for bit -- and no count increment, so the
+        recomputation saves the same tensors as the forward did."""
+        if recompute.current_mode() == recompute.REPLAY and self.training and self.track_running_stats:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps
+            )
+        return super().forward(input)
 
     # -- conditioning ------------------------------------------------------------------------------
     def _needs_compensation(self, x: torch.Tensor) -> bool | None:

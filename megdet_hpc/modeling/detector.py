@@ -141,6 +141,9 @@ def build_model(cfg: Config) -> FasterRCNN:
         if "box_head" in m.cgbn_where:
             convert(model.roi_heads.box_head)
     if m.activation_checkpointing:
+        if m.norm == "bn":  # plain BN would update its running statistics again in the recomputation
+            convert_to_cgbn(model.backbone, group_size=1)
+            convert_to_cgbn(model.roi_heads.box_head, group_size=1)
         enable_activation_checkpointing(model, m.activation_checkpointing)
     if m.deterministic_sampling:
         install_seeded_samplers(model)

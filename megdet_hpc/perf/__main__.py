@@ -134,7 +134,12 @@ def plan(a) -> int:  # type: ignore[no-untyped-def]
     a.out.mkdir(parents=True, exist_ok=True)
     from megdet_hpc.utils.provenance import environment
 
-    payload = {"machine": machine.name, "predictions": [as_dict(r) for r in preds], **extra, "env": environment()}
+    payload = {
+        "machine": machine.name,
+        "predictions": [as_dict(r) for r in preds],
+        **extra,
+        "env": environment(),
+    }
     (a.out / "plan.json").write_text(json.dumps(payload, indent=2))
     _plot(a, preds, machine)
     print(f"wrote {a.out / 'plan.json'} and {a.out / 'plan.png'}")

@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_benchmark_script_runs_every_section(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

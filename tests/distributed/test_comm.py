@@ -10,7 +10,9 @@ from megdet_hpc.launch.environment import detect
 
 
 def test_stats_comm_on_mpi4py_under_horovod_mpi() -> None:
-    rep = collect("hvd-mpi", 2, ["tests/distributed/comm_worker.py"], env={"MEGDET_CGBN_COMM": "mpi"}, timeout=180)[0]
+    rep = collect(
+        "hvd-mpi", 2, ["tests/distributed/comm_worker.py"], env={"MEGDET_CGBN_COMM": "mpi"}, timeout=180
+    )[0]
     assert rep["backend"] == "horovod" and rep["stats_comm"] == "mpi"
 
 

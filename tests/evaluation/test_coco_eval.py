@@ -82,4 +82,6 @@ def test_visualize_without_a_checkpoint_is_a_one_line_error(tiny_config, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "megdet_hpc.visualize", "--config", str(tiny_config())],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"megdet_hpc.visualize: error: no usable checkpoint in {tmp_path / 'out'}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"megdet_hpc.visualize: error: no usable checkpoint in {tmp_path / 'out'}"
+    ]

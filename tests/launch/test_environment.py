@@ -26,7 +26,9 @@ def test_detect_launchers() -> None:
     assert detect({**slurm, "SLURM_NTASKS_PER_NODE": "2(x3)"}).local_size == 1
     tr = detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "LOCAL_RANK": "1"})
     assert (tr.name, tr.rank, tr.local_rank, tr.local_size) == ("torchrun", 1, 1, 1)
-    sub = detect({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1"})
+    sub = detect(
+        {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1"}
+    )
     assert (sub.name, sub.rank, sub.size) == ("submitit-local", 1, 2)
 
 

@@ -32,7 +32,9 @@ def env_with_venv(**extra: str) -> dict[str, str]:
 
 @pytest.mark.slurm
 def test_sbatch_train_128gpu_is_accepted_by_sbatch(slurm_cluster: Path) -> None:
-    proc = subprocess.run(["sbatch", "--test-only", "slurm/train_128gpu.sh"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sbatch", "--test-only", "slurm/train_128gpu.sh"], cwd=REPO, capture_output=True, text=True
+    )
     text = proc.stderr.lower()
     assert proc.returncode != 0 and "line" not in text and "unrecognized" not in text, proc.stderr
     assert "requested node configuration is not available" in text or "gres" in text, proc.stderr
@@ -52,12 +54,16 @@ def test_launch_nodes_16_dry_run_shows_the_config_chosen_by_gpu_count(tmp_path: 
 
 
 @pytest.mark.slurm
-def test_launch_nodes_16_verbatim_is_refused_in_one_line_by_a_cpu_cluster(slurm_cluster: Path, tmp_path: Path) -> None:
+def test_launch_nodes_16_verbatim_is_refused_in_one_line_by_a_cpu_cluster(
+    slurm_cluster: Path, tmp_path: Path
+) -> None:
     proc = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16"], cwd=tmp_path,
                           capture_output=True, text=True, env=env_with_venv(), timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megdet_hpc.launch: error: sbatch refused the job:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("megdet_hpc.launch: error: sbatch refused the job:"), (
+        proc.stderr
+    )
 
 
 def test_horovodrun_np_8_trains_with_the_default_config(tiny_data: Path, tmp_path: Path) -> None:
@@ -78,6 +84,10 @@ def test_horovodrun_np_8_trains_with_the_default_config(tiny_data: Path, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no --config: using" in proc.stdout and "megdet_r50_fpn_bs16.yaml at total batch 16" in proc.stdout
     state = torch.load(out / "model_0000002.pth", weights_only=True)
-    assert state["world_size"] == 8 and state["total_batch"] == 16 and state["config"]["solver"]["total_batch"] == 16
+    assert (
+        state["world_size"] == 8
+        and state["total_batch"] == 16
+        and state["config"]["solver"]["total_batch"] == 16
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] == 2 and rows[-1]["images_seen"] == 32

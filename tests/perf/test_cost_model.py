@@ -128,7 +128,9 @@ def test_planner_takes_the_measured_gpu_step_when_there_is_one(tmp_path: Path, c
     gpu = tmp_path / "gpu.json"
     gpu.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3"},
                                "step": [{"contender": "Trainer.run_step", "images": 2, "s_per_iter": 0.07}]}))  # fmt: skip
-    assert plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(gpu), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(gpu), "--out", str(tmp_path / "m")]) == 0
+    )
     measured = json.loads((tmp_path / "m/plan.json").read_text())
     assert measured["compute_source"] == str(gpu) and "compute measured: NVIDIA H100" in measured["machine"]
     assert measured["predictions"][0]["compute_s"] == pytest.approx(0.07)

@@ -14,7 +14,9 @@ def test_argparse_errors_are_one_line_with_exit_2(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as info:
         p.parse(["--n", "many"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == ["megdet_hpc.x: error: argument --n: invalid int value: 'many'"]
+    assert capsys.readouterr().err.splitlines() == [
+        "megdet_hpc.x: error: argument --n: invalid int value: 'many'"
+    ]
 
 
 def test_overrides_may_follow_flags() -> None:
