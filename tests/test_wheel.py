@@ -36,16 +36,40 @@ CONSOLE_SCRIPTS = ["megdet-train", "megdet-evaluate", "megdet-launch", "megdet-p
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("wheel")
     dist = tmp / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
-                   check=True, cwd=tmp, capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(REPO),
+        ],
+        check=True,
+        cwd=tmp,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = dist.glob("megdet_hpc-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "zz_megdet_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return wheel, venv
 
@@ -81,17 +105,52 @@ def test_every_module_imports_from_the_installed_wheel(fresh_venv, tmp_path: Pat
 def test_two_iterations_on_the_embedded_data_from_outside_the_checkout(fresh_venv, tmp_path: Path) -> None:
     _, venv = fresh_venv
     py = str(venv / "bin/python")
-    subprocess.run([py, "-m", "megdet_hpc.data.synthetic", "--out", "data", "--train", "16", "--val", "4", "--size", "64"],
-                   cwd=tmp_path, check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            py,
+            "-m",
+            "megdet_hpc.data.synthetic",
+            "--out",
+            "data",
+            "--train",
+            "16",
+            "--val",
+            "4",
+            "--size",
+            "64",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     overrides = [
-        "model.min_size=64", "model.max_size=64", "model.anchor_sizes=[8,16,32,64,128]", "solver.max_iter=2",
-        "data.num_workers=0", "train.output_dir=out", "eval.max_images=2", "eval.vis_images=1",
-    ]  # fmt: skip
+        "model.min_size=64",
+        "model.max_size=64",
+        "model.anchor_sizes=[8,16,32,64,128]",
+        "solver.max_iter=2",
+        "data.num_workers=0",
+        "train.output_dir=out",
+        "eval.max_images=2",
+        "eval.vis_images=1",
+    ]
     # The bundled config, by its repository path: the wheel carries configs/.
-    proc = subprocess.run([str(venv / "bin/megdet-train"), "--config", "configs/demo_cpu.yaml", *overrides,
-                           "data.train_images=data/train", "data.train_annotations=data/annotations/instances_train.json",
-                           "data.val_images=data/val", "data.val_annotations=data/annotations/instances_val.json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(venv / "bin/megdet-train"),
+            "--config",
+            "configs/demo_cpu.yaml",
+            *overrides,
+            "data.train_images=data/train",
+            "data.train_annotations=data/annotations/instances_train.json",
+            "data.val_images=data/val",
+            "data.val_annotations=data/annotations/instances_val.json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "out/model_0000002.pth").exists() and (tmp_path / "out/eval/metrics.json").exists()
 

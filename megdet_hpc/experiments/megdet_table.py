@@ -170,8 +170,11 @@ def execute(run: Run, images: int, out: Path, data: Path, config: Path) -> dict[
         print(f"[megdet_table] {run.name}: {state['status']} earlier, skipped", flush=True)
         return state
     command, env = train_command(run, images, folder, data, config)
-    print(f"[megdet_table] {run.name}: {run.ranks} x {run.images_per_gpu}, BN size {run.bn_size}, lr {run.lr:g}"
-          f"{'' if run.warmup else ', no warmup'} -> {folder}", flush=True)  # fmt: skip
+    print(
+        f"[megdet_table] {run.name}: {run.ranks} x {run.images_per_gpu}, BN size {run.bn_size}, lr {run.lr:g}"
+        f"{'' if run.warmup else ', no warmup'} -> {folder}",
+        flush=True,
+    )
     start = time.perf_counter()
     with open(folder / "stdout.log", "a") as log:
         code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
@@ -224,8 +227,14 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     large.sort(key=lambda o: Run(**o.run).bn_size)
     ax.plot([Run(**o.run).bn_size for o in large], [o.AP for o in large], "o-", label="batch 16, warmup")
     base = [o for o in outcomes if Run(**o.run).total_batch == 4 and o.AP is not None]
-    ax.scatter([Run(**o.run).bn_size for o in base], [o.AP for o in base], marker="s", color="C2",
-               label="batch 4 (baseline, 2 seeds)", zorder=3)  # fmt: skip
+    ax.scatter(
+        [Run(**o.run).bn_size for o in base],
+        [o.AP for o in base],
+        marker="s",
+        color="C2",
+        label="batch 4 (baseline, 2 seeds)",
+        zorder=3,
+    )
     nowarm = [o for o in outcomes if not Run(**o.run).warmup]
     for o in nowarm:
         y = o.AP if o.AP is not None else 0.0

@@ -20,8 +20,14 @@ def test_gpu_benchmark_script_runs_every_section(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["smoke"] and result["env"]["commit"]
@@ -29,6 +35,11 @@ def test_gpu_benchmark_script_runs_every_section(tmp_path: Path) -> None:
     assert all(r["sync_free"] for r in result["sync_free"])
     assert result["two_ranks"][0]["contender"] == "CGBN"
     contenders = {r["contender"] for r in result["step"]}
-    assert {"Trainer.run_step", "plain AMP loop, same model", "torchvision fasterrcnn_resnet50_fpn loop",
-            "Trainer.run_step, CGBN forced", "Trainer.run_step, nn.BatchNorm2d"} == contenders  # fmt: skip
+    assert {
+        "Trainer.run_step",
+        "plain AMP loop, same model",
+        "torchvision fasterrcnn_resnet50_fpn loop",
+        "Trainer.run_step, CGBN forced",
+        "Trainer.run_step, nn.BatchNorm2d",
+    } == contenders
     assert {r["checkpointing"] for r in result["memory"]} == {"none", "ResNet stages", "stages + FPN"}

@@ -65,8 +65,11 @@ def test_predictions_are_drawn_beside_the_ground_truth(val: CocoDetection, tmp_p
     from megdet_hpc.evaluation.visualize import draw_predictions
     from megdet_hpc.modeling import build_model
 
-    model = build_model(load_config(None, ["model.backbone=resnet18", "model.num_classes=3", "model.min_size=64",
-                                           "model.max_size=64"]))  # fmt: skip
+    model = build_model(
+        load_config(
+            None, ["model.backbone=resnet18", "model.num_classes=3", "model.min_size=64", "model.max_size=64"]
+        )
+    )
     path = draw_predictions(model, val, torch.device("cpu"), 3, tmp_path / "grid.png", score_threshold=0.0)
     from PIL import Image
 
@@ -79,8 +82,13 @@ def test_visualize_without_a_checkpoint_is_a_one_line_error(tiny_config, tmp_pat
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.visualize", "--config", str(tiny_config())],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.visualize", "--config", str(tiny_config())],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"megdet_hpc.visualize: error: no usable checkpoint in {tmp_path / 'out'}"

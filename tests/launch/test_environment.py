@@ -8,14 +8,33 @@ from megdet_hpc.launch.slurm import job_id
 
 def test_detect_launchers() -> None:
     assert detect({}).name == "local"
-    hvd = detect({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1",
-                  "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_GLOO_RENDEZVOUS_ADDR": "x"})  # fmt: skip
+    hvd = detect(
+        {
+            "HOROVOD_RANK": "1",
+            "HOROVOD_SIZE": "4",
+            "HOROVOD_LOCAL_RANK": "1",
+            "HOROVOD_LOCAL_SIZE": "2",
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR": "x",
+        }
+    )
     assert (hvd.name, hvd.rank, hvd.size, hvd.local_rank) == ("horovodrun-gloo", 1, 4, 1) and not hvd.is_mpi
-    ompi = detect({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "8",
-                   "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})  # fmt: skip
+    ompi = detect(
+        {
+            "OMPI_COMM_WORLD_RANK": "2",
+            "OMPI_COMM_WORLD_SIZE": "8",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        }
+    )
     assert ompi.is_mpi and (ompi.rank, ompi.size, ompi.local_size) == (2, 8, 4)
-    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_NTASKS_PER_NODE": "2", "PMIX_RANK": "3"}  # fmt: skip
+    slurm = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "PMIX_RANK": "3",
+    }
     s = detect(slurm)
     assert (s.name, s.rank, s.size, s.local_rank, s.local_size, s.is_mpi) == ("srun-pmix", 3, 4, 1, 2, True)
     plain = detect({k: v for k, v in slurm.items() if k != "PMIX_RANK"})

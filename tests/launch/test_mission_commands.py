@@ -44,8 +44,14 @@ def test_sbatch_train_128gpu_is_accepted_by_sbatch(slurm_cluster: Path) -> None:
 
 
 def test_launch_nodes_16_dry_run_shows_the_config_chosen_by_gpu_count(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16", "--dry-run"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env_with_venv(), timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env_with_venv(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=16" in proc.stdout and "#SBATCH --gpus-per-node=8" in proc.stdout
     assert "total batch 256; config" in proc.stdout and "megdet_r50_fpn_bs256.yaml" in proc.stdout
@@ -57,8 +63,14 @@ def test_launch_nodes_16_dry_run_shows_the_config_chosen_by_gpu_count(tmp_path: 
 def test_launch_nodes_16_verbatim_is_refused_in_one_line_by_a_cpu_cluster(
     slurm_cluster: Path, tmp_path: Path
 ) -> None:
-    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env_with_venv(), timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env_with_venv(),
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("megdet_hpc.launch: error: sbatch refused the job:"), (
@@ -69,18 +81,34 @@ def test_launch_nodes_16_verbatim_is_refused_in_one_line_by_a_cpu_cluster(
 def test_horovodrun_np_8_trains_with_the_default_config(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     overrides = [
-        "model.backbone=resnet18", "model.num_classes=3", "model.min_size=64", "model.max_size=64",
-        "model.anchor_sizes=[8,16,32,64,128]", "model.box_batch_size_per_image=32", "model.box_head_dim=64",
-        "model.rpn_batch_size_per_image=64", "solver.max_iter=2", "solver.warmup_iters=1", "data.num_workers=0",
-        f"data.train_images={tiny_data}/train", f"data.train_annotations={tiny_data}/annotations/instances_train.json",
-        f"data.val_images={tiny_data}/val", f"data.val_annotations={tiny_data}/annotations/instances_val.json",
-        f"train.output_dir={out}", "train.eval_at_end=false", "train.tensorboard=false", "train.threads=1",
-    ]  # fmt: skip
+        "model.backbone=resnet18",
+        "model.num_classes=3",
+        "model.min_size=64",
+        "model.max_size=64",
+        "model.anchor_sizes=[8,16,32,64,128]",
+        "model.box_batch_size_per_image=32",
+        "model.box_head_dim=64",
+        "model.rpn_batch_size_per_image=64",
+        "solver.max_iter=2",
+        "solver.warmup_iters=1",
+        "data.num_workers=0",
+        f"data.train_images={tiny_data}/train",
+        f"data.train_annotations={tiny_data}/annotations/instances_train.json",
+        f"data.val_images={tiny_data}/val",
+        f"data.val_annotations={tiny_data}/annotations/instances_val.json",
+        f"train.output_dir={out}",
+        "train.eval_at_end=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+    ]
     proc = subprocess.run(
         ["horovodrun", "-np", "8", sys.executable, "-m", "megdet_hpc.train", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=env_with_venv(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"),
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no --config: using" in proc.stdout and "megdet_r50_fpn_bs16.yaml at total batch 16" in proc.stdout
     state = torch.load(out / "model_0000002.pth", weights_only=True)

@@ -44,6 +44,22 @@ def cpu_script(tmp_path: Path, name: str = "job.sh", **kw) -> Path:
     return path
 
 
+def submitit_command(tmp_path: Path, cfg: Path, timeout_min: int) -> list[str]:
+    """``python -m megdet_hpc.launch`` for a 1-node, 2-CPU-task job on the test cluster, followed to its end."""
+    args = f"--nodes 1 --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --timeout {timeout_min} --partition low"
+    return [
+        sys.executable,
+        "-m",
+        "megdet_hpc.launch",
+        *args.split(),
+        "--folder",
+        str(tmp_path / "sub"),
+        "--config",
+        str(cfg),
+        "--wait",
+    ]
+
+
 def squeue_state(job_id: str) -> str:
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
     return out.stdout.strip()
@@ -85,28 +101,7 @@ def test_submitit_launcher_runs_to_completion(slurm_cluster: Path, tiny_config, 
         train={"checkpoint_period": 0, "eval_at_end": False},
     )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megdet_hpc.launch",
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--tasks-per-node",
-            "2",
-            "--cpus-per-task",
-            "1",
-            "--timeout",
-            "20",
-            "--partition",
-            "low",
-            "--folder",
-            str(tmp_path / "sub"),
-            "--config",
-            str(cfg),
-            "--wait",
-        ],
+        submitit_command(tmp_path, cfg, timeout_min=20),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -259,28 +254,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "megdet_hpc.launch",
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--tasks-per-node",
-            "2",
-            "--cpus-per-task",
-            "1",
-            "--timeout",
-            "30",
-            "--partition",
-            "low",
-            "--folder",
-            str(tmp_path / "sub"),
-            "--config",
-            str(cfg),
-            "--wait",
-        ],
+        submitit_command(tmp_path, cfg, timeout_min=30),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

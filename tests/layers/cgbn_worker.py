@@ -21,8 +21,8 @@ from megdet_hpc import distributed
 from megdet_hpc.launch.local import write_report
 from megdet_hpc.layers import CrossGPUBatchNorm2d
 
-DEVICE = torch.device(os.environ.get("MEGDET_TEST_DEVICE", "cpu"))
 KERNELS = os.environ.get("MEGDET_TEST_KERNELS", "auto")
+DEVICE = torch.device("cpu")  # set in main(): the rank's GPU when MEGDET_TEST_DEVICE=cuda
 
 C, H, W = 8, 5, 4
 
@@ -106,7 +106,11 @@ def check_case(
 
 
 def main() -> None:
+    global DEVICE
     comm = distributed.init()
+    if os.environ.get("MEGDET_TEST_DEVICE") == "cuda":  # ranks share one GPU (gloo) or take one each (NCCL)
+        DEVICE = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(DEVICE)
     world = comm.size
     results = {"backend": comm.name, "world": world, "rank": comm.rank}
     equal = [2] * world

@@ -30,9 +30,18 @@ def test_one_process_updates_running_statistics_once() -> None:
         buffers = []
         for places in ("[]", "[backbone,fpn]"):
             torch.manual_seed(0)
-            cfg = load_config(None, ["model.backbone=resnet18", "model.num_classes=3", "model.min_size=64",
-                                     "model.max_size=64", "model.anchor_sizes=[8,16,32,64,128]", f"model.norm={norm}",
-                                     f"model.activation_checkpointing={places}"])  # fmt: skip
+            cfg = load_config(
+                None,
+                [
+                    "model.backbone=resnet18",
+                    "model.num_classes=3",
+                    "model.min_size=64",
+                    "model.max_size=64",
+                    "model.anchor_sizes=[8,16,32,64,128]",
+                    f"model.norm={norm}",
+                    f"model.activation_checkpointing={places}",
+                ],
+            )
             model = build_model(cfg).train()
             set_sampling_keys(model, 0, [1])
             target = {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}

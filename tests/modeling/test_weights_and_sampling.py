@@ -44,8 +44,16 @@ def test_partial_or_foreign_weights_are_errors_naming_the_keys(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"1 unexpected key\(s\) \(head.extra.weight\)"):
         build_model(load_config(None, [*SMALL, f"model.backbone_weights={extra}"]))
     with pytest.raises(ConfigError, match="does not fit resnet50: size mismatch"):
-        build_model(load_config(None, ["model.backbone=resnet50", "model.num_classes=3",
-                                       f"model.backbone_weights={resnet18_file(tmp_path)}"]))  # fmt: skip
+        build_model(
+            load_config(
+                None,
+                [
+                    "model.backbone=resnet50",
+                    "model.num_classes=3",
+                    f"model.backbone_weights={resnet18_file(tmp_path)}",
+                ],
+            )
+        )
 
 
 def test_ddp_prefixed_weights_load(tmp_path: Path) -> None:

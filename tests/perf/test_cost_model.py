@@ -126,16 +126,35 @@ def test_planner_takes_the_measured_gpu_step_when_there_is_one(tmp_path: Path, c
     """bench/gpu.sh's result replaces the H100 preset's typed-in compute time (and says so)."""
     cfg = str(REPO / "configs/megdet_r50_fpn_bs16.yaml")
     gpu = tmp_path / "gpu.json"
-    gpu.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3"},
-                               "step": [{"contender": "Trainer.run_step", "images": 2, "s_per_iter": 0.07}]}))  # fmt: skip
+    gpu.write_text(
+        json.dumps(
+            {
+                "env": {"device": "NVIDIA H100 80GB HBM3"},
+                "step": [{"contender": "Trainer.run_step", "images": 2, "s_per_iter": 0.07}],
+            }
+        )
+    )
     assert (
         plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(gpu), "--out", str(tmp_path / "m")]) == 0
     )
     measured = json.loads((tmp_path / "m/plan.json").read_text())
     assert measured["compute_source"] == str(gpu) and "compute measured: NVIDIA H100" in measured["machine"]
     assert measured["predictions"][0]["compute_s"] == pytest.approx(0.07)
-    assert plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(tmp_path / "none.json"),
-                      "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    assert (
+        plan_main(
+            [
+                "--config",
+                cfg,
+                "--gpus",
+                "8",
+                "--gpu-json",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "p/plan.json").read_text())["compute_source"] == "preset constant"
     gpu.write_text("{}")
     assert plan_main(["--config", cfg, "--gpu-json", str(gpu), "--out", str(tmp_path / "x")]) == 2

@@ -64,8 +64,14 @@ def train(cfg: Path, *extra: str, launcher: str = "single", nproc: int = 1, env:
 
 def start(cfg: Path, *extra: str, launcher: str = "single", nproc: int = 1) -> subprocess.Popen:
     env = local_env(launcher, pythonpath=str(REPO))
-    return subprocess.Popen(command(launcher, nproc, [*TRAIN, "--config", str(cfg), *extra]), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        command(launcher, nproc, [*TRAIN, "--config", str(cfg), *extra]),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = HANG_GUARD) -> None:  # type: ignore[no-untyped-def]
@@ -127,9 +133,14 @@ def test_mpi_backend_a_failing_rank_ends_the_job(tiny_config, tiny_data: Path, t
     data = copy_data(tiny_data, tmp_path)
     bad = _first_batch_image(data, rank=1)
     bad.write_bytes(bad.read_bytes()[:300])
-    cfg = tiny_config(data={"images_per_gpu": 1, "train_images": str(data / "train"),
-                            "train_annotations": str(data / "annotations/instances_train.json")},
-                      solver={"max_iter": 50})  # fmt: skip
+    cfg = tiny_config(
+        data={
+            "images_per_gpu": 1,
+            "train_images": str(data / "train"),
+            "train_annotations": str(data / "annotations/instances_train.json"),
+        },
+        solver={"max_iter": 50},
+    )
     proc, elapsed = train(cfg, launcher="mpirun", nproc=2)
     assert proc.returncode != 0 and elapsed < HANG_GUARD
     line = one_line_error(proc)
@@ -137,8 +148,11 @@ def test_mpi_backend_a_failing_rank_ends_the_job(tiny_config, tiny_data: Path, t
 
 
 def test_mpi_backend_a_killed_loader_worker_ends_the_job(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"images_per_gpu": 1, "num_workers": 1}, solver={"max_iter": 100000},
-                      train={"checkpoint_period": 0, "eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={"images_per_gpu": 1, "num_workers": 1},
+        solver={"max_iter": 100000},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
     out = tmp_path / "out"
     proc = start(cfg, launcher="mpirun", nproc=2)
     wait_for(lambda: iteration_of(out) >= 2, proc)
@@ -242,9 +256,15 @@ BAD_INPUTS = {
     "negative num_workers": (["data.num_workers=-1"], "data.num_workers must be >= 0"),
     "negative momentum": (["solver.momentum=-5"], "solver.momentum must be in [0, 1)"),
     "total batch 0": (["--total-batch", "0"], "--total-batch must be > 0"),
-    "missing val annotations": (["data.val_annotations=/nonexistent/val.json"], "annotation file not found: /nonexistent/val.json"),
-    "scientific notation accepted, bad value refused": (["solver.base_lr=1e-4", "solver.max_iter=-1"], "solver.max_iter must be > 0"),
-}  # fmt: skip
+    "missing val annotations": (
+        ["data.val_annotations=/nonexistent/val.json"],
+        "annotation file not found: /nonexistent/val.json",
+    ),
+    "scientific notation accepted, bad value refused": (
+        ["solver.base_lr=1e-4", "solver.max_iter=-1"],
+        "solver.max_iter must be > 0",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -329,8 +349,14 @@ def test_unknown_categories_are_reported_and_sizes_checked(
 ) -> None:
     data = copy_data(tiny_data, tmp_path)
     _break_json(data, lambda d: d["annotations"][0].update(category_id=99))
-    cfg = tiny_config(data={"train_images": str(data / "train"), "train_annotations": str(data / "annotations/instances_train.json")},
-                      solver={"max_iter": 1}, train={"eval_at_end": False})  # fmt: skip
+    cfg = tiny_config(
+        data={
+            "train_images": str(data / "train"),
+            "train_annotations": str(data / "annotations/instances_train.json"),
+        },
+        solver={"max_iter": 1},
+        train={"eval_at_end": False},
+    )
     proc, _ = train(cfg)
     assert proc.returncode == 0 and "1 unknown category" in proc.stdout
     _break_json(data, lambda d: [img.update(width=32) for img in d["images"]])  # JPEGs are 64 px wide
@@ -369,9 +395,12 @@ def test_a_signal_interrupts_an_evaluation(tiny_config, big_val: Path, tmp_path:
         "val_annotations": str(big_val / "annotations/instances_val.json"),
     }
     periodic = when == "periodic"
-    cfg = tiny_config(data=val, eval={"max_images": 0},
-                      solver={"max_iter": 6 if periodic else 2},
-                      train={"eval_period": 2 if periodic else 0, "checkpoint_period": 0})  # fmt: skip
+    cfg = tiny_config(
+        data=val,
+        eval={"max_images": 0},
+        solver={"max_iter": 6 if periodic else 2},
+        train={"eval_period": 2 if periodic else 0, "checkpoint_period": 0},
+    )
     proc = start(cfg)
     out = tmp_path / "out"
     wait_for(lambda: iteration_of(out) >= 2, proc)  # iteration 2 is logged: its evaluation starts now
@@ -391,8 +420,13 @@ def test_a_loader_worker_error_is_one_line_naming_the_file(
     data = copy_data(tiny_data, tmp_path)
     for image in (data / "train").glob("*.jpg"):
         image.write_bytes(image.read_bytes()[:200])
-    cfg = tiny_config(data={"num_workers": 1, "train_images": str(data / "train"),
-                            "train_annotations": str(data / "annotations/instances_train.json")})  # fmt: skip
+    cfg = tiny_config(
+        data={
+            "num_workers": 1,
+            "train_images": str(data / "train"),
+            "train_annotations": str(data / "annotations/instances_train.json"),
+        }
+    )
     proc, _ = train(cfg)
     assert proc.returncode == 2
     line = one_line_error(proc)
@@ -413,21 +447,38 @@ def test_no_resume_archives_everything_and_takes_overrides_after_flags(finished_
 
 
 LAUNCH_ERRORS = {
-    "sbatch --cpus-per-task 0": (["sbatch", "--gpus", "2", "--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
-    "sbatch --signal-lead -5": (["sbatch", "--gpus", "2", "--signal-lead", "-5"], "--signal-lead must be >= 0"),
-    "sbatch missing config": (["sbatch", "--gpus", "2", "--config", "/nope.yaml"], "--config /nope.yaml does not exist"),
-    "submitit control character": (["--dry-run", "--job-name", "a\nb"], "--job-name contains a control character"),
+    "sbatch --cpus-per-task 0": (
+        ["sbatch", "--gpus", "2", "--cpus-per-task", "0"],
+        "--cpus-per-task must be >= 1",
+    ),
+    "sbatch --signal-lead -5": (
+        ["sbatch", "--gpus", "2", "--signal-lead", "-5"],
+        "--signal-lead must be >= 0",
+    ),
+    "sbatch missing config": (
+        ["sbatch", "--gpus", "2", "--config", "/nope.yaml"],
+        "--config /nope.yaml does not exist",
+    ),
+    "submitit control character": (
+        ["--dry-run", "--job-name", "a\nb"],
+        "--job-name contains a control character",
+    ),
     "submitit --cpus-per-task 0": (["--dry-run", "--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
     "submitit missing config": (["--dry-run", "--config", "/nope.yaml"], "config file not found: /nope.yaml"),
     "local -np 0": (["local", "-np", "0"], "-np must be >= 1"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(LAUNCH_ERRORS))
 def test_launcher_arguments_are_checked(case: str, tmp_path: Path) -> None:
     argv, message = LAUNCH_ERRORS[case]
-    proc = subprocess.run([sys.executable, "-m", "megdet_hpc.launch", *argv], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=HANG_GUARD)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet_hpc.launch", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
     assert proc.returncode == 2, proc.stderr
     prog = proc.stderr.strip().split(": error:")[0]
     assert message in one_line_error(proc, prog)
