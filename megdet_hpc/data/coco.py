@@ -58,6 +58,11 @@ class FilterStats:
         return text
 
 
+def _where(path: Path) -> str:
+    """``path``, and for a relative one the directory it was looked up from (jobs run elsewhere)."""
+    return str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+
+
 def to_float(image: torch.Tensor) -> torch.Tensor:
     """uint8 CHW image -> float in [0, 1] (the detector's input)."""
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image
@@ -110,7 +115,7 @@ def load_coco(annotations: str | Path) -> COCO:
     """Parse, check and index a COCO instances file (one-line DataError on any problem)."""
     path = Path(annotations)
     if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
+        raise DataError(f"annotation file not found: {_where(path)}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -131,7 +136,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, images: str | Path, annotations: str | Path, train: bool, flip_prob: float = 0.0):
         self.root = Path(images)
         if not self.root.is_dir():
-            raise DataError(f"image folder not found: {self.root}")
+            raise DataError(f"image folder not found: {_where(self.root)}")
         self.annotations = Path(annotations)
         self.coco = load_coco(annotations)
         self.train = train

@@ -251,6 +251,16 @@ class Trainer(TrainerBase):
             self.sampler.load_state_dict(ckpt["sampler"])
         except ValueError as exc:
             raise CheckpointError(f"{self.resumed_from.name}: {exc}") from exc
+        saved_data = ckpt.get("config", {}).get("data", {})
+        now_data = to_dict(self.cfg)["data"]
+        changed = [
+            k for k in ("train_images", "train_annotations") if saved_data.get(k, now_data[k]) != now_data[k]
+        ]
+        if changed and self.comm.is_main:
+            log.warning(
+                "training data differs from the checkpoint's (%s): the rest of the epoch follows its image order",
+                ", ".join(f"data.{k}: {saved_data[k]} -> {now_data[k]}" for k in changed),
+            )
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.comm.size:
             rng_state.restore(rngs[self.comm.rank])
