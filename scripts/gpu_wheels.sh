@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux2014_x86_64 -d .whl pycocotools pytest pluggy iniconfig packaging pytest-timeout
+  --platform manylinux2014_x86_64 -d .whl pycocotools pytest pluggy iniconfig packaging pygments pytest-timeout
 ls -l .whl
