@@ -72,19 +72,16 @@ class MetricsHook(HookBase):
             return
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         steps = max(self._window_images / t.batch.total, 1)
-        record = {
-            "iteration": result.iteration,
-            "images_seen": result.images_seen,
-            "lr": result.lr,
-            "loss": result.loss,
-            **{f"loss/{k}": v for k, v in result.losses.items()},
-            "images_per_s": self._window_images / elapsed,
-            "s_per_iter": elapsed / steps,
-        }
+        record = {"iteration": result.iteration, "images_seen": result.images_seen, "lr": result.lr}
+        if result.skipped:  # its losses were not finite on some rank: there is nothing to plot
+            record["skipped"] = True
+        else:
+            record.update({"loss": result.loss, **{f"loss/{k}": v for k, v in result.losses.items()}})
+        record.update({"images_per_s": self._window_images / elapsed, "s_per_iter": elapsed / steps})
         t.metrics.write(record)
         if self._bar is not None:
             self._bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
+                loss=f"{result.loss:.3f}",
                 lr=f"{result.lr:.4f}",
                 ips=f"{record['images_per_s']:.1f}",
                 refresh=False,

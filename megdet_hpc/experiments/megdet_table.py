@@ -3,7 +3,7 @@
 MegDet's claim: as the mini-batch grows, plain per-GPU BN and no warmup lose accuracy, while CGBN with a
 large enough BN size plus the warmup policy keeps it.  Here, at toy scale on the embedded data (the demo
 detector, ResNet-18 FPN at 128 px), every run sees the same number of images with the LR from one base
-by the linear scaling rule (``0.02 x total / 4``), on CPU under ``mpirun`` (oversubscribed ranks, one
+by the linear scaling rule (``base_lr x total / 4``, ``--base-lr``, default 0.01), on CPU under ``mpirun`` (oversubscribed ranks, one
 thread each):
 
 | run | ranks x images | total batch | BN | BN size | warmup |
@@ -23,6 +23,7 @@ and the plots (AP vs BN size, loss curves, LR curves) -- go to ``--results``.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from megdet_hpc.utils.cli import EXIT_NONFINITE, EXIT_OK, ArgumentParser, run_cl
 from megdet_hpc.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_LR, BASE_BATCH = 0.02, 4
+BASE_LR, BASE_BATCH = 0.01, 4
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,8 @@ class Run:
             return self.images_per_gpu
         return (self.bn_group or self.ranks) * self.images_per_gpu
 
-    @property
-    def lr(self) -> float:
-        return BASE_LR * self.total_batch / BASE_BATCH
+    def lr(self, base_lr: float) -> float:
+        return base_lr * self.total_batch / BASE_BATCH
 
 
 RUNS = (
@@ -88,11 +88,12 @@ class Outcome:
     AP: float | None = None
     AP50: float | None = None
     images_per_s: float | None = None
+    diverged_at: int | None = None  # first non-finite iteration
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_command(
-    run: Run, images: int, folder: Path, data: Path, config: Path
+    run: Run, images: int, folder: Path, data: Path, config: Path, base_lr: float
 ) -> tuple[list[str], dict[str, str]]:
     from megdet_hpc.launch.local import local_command, local_env
 
@@ -108,7 +109,7 @@ def train_command(
         f"data.train_annotations={data}/annotations/instances_train.json",
         f"data.val_images={data}/val",
         f"data.val_annotations={data}/annotations/instances_val.json",
-        f"solver.base_lr={BASE_LR}",
+        f"solver.base_lr={base_lr}",
         f"solver.base_batch={BASE_BATCH}",
         f"solver.total_batch={BASE_BATCH}",  # the schedule is written at batch 4 ...
         f"solver.max_iter={iters_at_base}",
@@ -140,6 +141,10 @@ def read_outcome(run: Run, folder: Path, state: dict[str, Any]) -> Outcome:
     out = Outcome(
         asdict(run), state.get("status", "pending"), state.get("exit_code"), state.get("wall_s", 0.0)
     )
+    log = folder / "stdout.log"
+    if out.status == "diverged" and log.is_file():
+        found = re.search(r"non-finite loss or gradient at iteration (\d+)", log.read_text(errors="replace"))
+        out.diverged_at = int(found.group(1)) if found else None
     metrics = folder / "eval" / "metrics.json"
     if out.status == "done" and metrics.is_file():
         m = json.loads(metrics.read_text())
@@ -149,18 +154,18 @@ def read_outcome(run: Run, folder: Path, state: dict[str, Any]) -> Outcome:
         rows = [
             json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()
         ]
-    train = [r for r in rows if "loss" in r]
+    train = [r for r in rows if "lr" in r and "AP" not in r]
     if train:
         out.images_per_s = statistics.median(r["images_per_s"] for r in train[len(train) // 5 :] or train)
         out.curves = {
             "images_seen": [r["images_seen"] for r in train],
-            "loss": [r["loss"] for r in train],
+            "loss": [r.get("loss", float("nan")) for r in train],  # NaN: a skipped (non-finite) step
             "lr": [r["lr"] for r in train],
         }
     return out
 
 
-def execute(run: Run, images: int, out: Path, data: Path, config: Path) -> dict[str, Any]:
+def execute(run: Run, images: int, out: Path, data: Path, config: Path, base_lr: float) -> dict[str, Any]:
     """Train (or resume) one run; returns its bookkeeping (status, exit code, accumulated wall time)."""
     folder = out / slug(run.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,9 +174,9 @@ def execute(run: Run, images: int, out: Path, data: Path, config: Path) -> dict[
     if state.get("status") in ("done", "diverged"):
         print(f"[megdet_table] {run.name}: {state['status']} earlier, skipped", flush=True)
         return state
-    command, env = train_command(run, images, folder, data, config)
+    command, env = train_command(run, images, folder, data, config, base_lr)
     print(
-        f"[megdet_table] {run.name}: {run.ranks} x {run.images_per_gpu}, BN size {run.bn_size}, lr {run.lr:g}"
+        f"[megdet_table] {run.name}: {run.ranks} x {run.images_per_gpu}, BN size {run.bn_size}, lr {run.lr(base_lr):g}"
         f"{'' if run.warmup else ', no warmup'} -> {folder}",
         flush=True,
     )
@@ -193,10 +198,19 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(outcomes: list[Outcome], images: int) -> str:
+def _lr_at(outcome: Outcome, iteration: int) -> float | None:
+    """The LR of the schedule at ``iteration`` of a run (from its logged curve)."""
+    r = Run(**outcome.run)
+    images = iteration * r.total_batch
+    seen = outcome.curves.get("images_seen", [])
+    lrs = [lr for s, lr in zip(seen, outcome.curves.get("lr", [])) if s <= images]
+    return lrs[-1] if lrs else None
+
+
+def markdown(outcomes: list[Outcome], images: int, base_lr: float) -> str:
     lines = [
         f"Every run: {images} training images seen (demo detector, ResNet-18 FPN, 128 px, embedded data); "
-        f"LR = {BASE_LR} x total batch / {BASE_BATCH}; evaluation on the 100 validation images.",
+        f"LR = {base_lr:g} x total batch / {BASE_BATCH}; evaluation on the 100 validation images.",
         "",
         "| run | ranks x images | total batch | BN | BN size | LR | warmup | AP | AP50 | wall time (s) | images/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -205,8 +219,11 @@ def markdown(outcomes: list[Outcome], images: int) -> str:
         r = Run(**o.run)
         bn = "per-rank BN" if r.bn == "bn" else ("CGBN" if not r.bn_group else f"CGBN, group {r.bn_group}")
         ap = fmt(o.AP) if o.status == "done" else o.status
+        if o.diverged_at is not None:
+            lr_then = _lr_at(o, o.diverged_at)
+            ap += f" at iteration {o.diverged_at}" + (f" (LR {lr_then:.3g})" if lr_then else "")
         lines.append(
-            f"| {r.name} | {r.ranks} x {r.images_per_gpu} | {r.total_batch} | {bn} | {r.bn_size} | {r.lr:g} | "
+            f"| {r.name} | {r.ranks} x {r.images_per_gpu} | {r.total_batch} | {bn} | {r.bn_size} | {r.lr(base_lr):g} | "
             f"{'yes' if r.warmup else 'no'} | {ap} | {fmt(o.AP50) if o.status == 'done' else '-'} | "
             f"{o.wall_s:.0f} | {fmt(o.images_per_s, 1)} |"
         )
@@ -277,6 +294,9 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="megdet_hpc.experiments.megdet_table", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4800, help="training images per run")
+    p.add_argument(
+        "--base-lr", type=float, default=BASE_LR, help=f"LR at batch {BASE_BATCH}, scaled linearly"
+    )
     p.add_argument("--out", type=Path, default=Path("output/experiments/megdet_table"), help="run folders")
     p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="table and plots")
     p.add_argument("--only", nargs="*", default=[], help="run names to (re)run; default: all")
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in RUNS:
             if a.only and run.name not in a.only:
                 continue
-            states[run.name] = execute(run, a.images, out, data, config)
+            states[run.name] = execute(run, a.images, out, data, config, a.base_lr)
         outcomes = []
         for run in RUNS:
             folder = out / slug(run.name)
@@ -306,11 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             state = json.loads(state_file.read_text()) if state_file.is_file() else {}
             outcomes.append(read_outcome(run, folder, state))
         a.results.mkdir(parents=True, exist_ok=True)
-        table = markdown(outcomes, a.images)
+        table = markdown(outcomes, a.images, a.base_lr)
         (a.results / "megdet_table.md").write_text(table)
         from megdet_hpc.utils.provenance import environment
 
-        summary = {"images": a.images, "env": environment(), "runs": [asdict(o) for o in outcomes]}
+        summary = {
+            "images": a.images,
+            "base_lr": a.base_lr,
+            "env": environment(),
+            "runs": [asdict(o) for o in outcomes],
+        }
         (a.results / "megdet_table.json").write_text(json.dumps(summary, indent=1))
         written = plots(outcomes, a.results)
         print(table)
