@@ -37,6 +37,7 @@ from megdet_hpc.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_LR, BASE_BATCH = 0.01, 4
+WARMUP_ITERS = 200  # at the base batch: 800 images for every run
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def train_command(
         f"solver.total_batch={BASE_BATCH}",  # the schedule is written at batch 4 ...
         f"solver.max_iter={iters_at_base}",
         f"solver.steps=[{int(0.8 * iters_at_base)}]",
-        f"solver.warmup_iters={200 if run.warmup else 0}",
+        f"solver.warmup_iters={WARMUP_ITERS if run.warmup else 0}",
         "train.checkpoint_period=0",
         "train.checkpoint_minutes=5",
         "train.keep_checkpoints=1",
@@ -198,13 +199,22 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _lr_at(outcome: Outcome, iteration: int) -> float | None:
-    """The LR of the schedule at ``iteration`` of a run (from its logged curve)."""
+def _lr_at(outcome: Outcome, iteration: int, images: int, base_lr: float) -> float:
+    """The LR of a run's schedule for the step after ``iteration`` steps (what the trainer set)."""
+    from megdet_hpc.solver import LRSchedule
+
     r = Run(**outcome.run)
-    images = iteration * r.total_batch
-    seen = outcome.curves.get("images_seen", [])
-    lrs = [lr for s, lr in zip(seen, outcome.curves.get("lr", [])) if s <= images]
-    return lrs[-1] if lrs else None
+    schedule = LRSchedule(
+        base_lr=base_lr,
+        base_batch=BASE_BATCH,
+        reference_batch=BASE_BATCH,
+        warmup_factor=0.001,
+        warmup_images=WARMUP_ITERS * BASE_BATCH if r.warmup else 0,
+        step_images=(int(0.8 * images // BASE_BATCH) * BASE_BATCH,),
+        gamma=0.1,
+        max_images=images,
+    )
+    return schedule.lr(iteration * r.total_batch, r.total_batch)
 
 
 def markdown(outcomes: list[Outcome], images: int, base_lr: float) -> str:
@@ -220,8 +230,7 @@ def markdown(outcomes: list[Outcome], images: int, base_lr: float) -> str:
         bn = "per-rank BN" if r.bn == "bn" else ("CGBN" if not r.bn_group else f"CGBN, group {r.bn_group}")
         ap = fmt(o.AP) if o.status == "done" else o.status
         if o.diverged_at is not None:
-            lr_then = _lr_at(o, o.diverged_at)
-            ap += f" at iteration {o.diverged_at}" + (f" (LR {lr_then:.3g})" if lr_then else "")
+            ap += f" at iteration {o.diverged_at} (LR {_lr_at(o, o.diverged_at, images, base_lr):.3g})"
         lines.append(
             f"| {r.name} | {r.ranks} x {r.images_per_gpu} | {r.total_batch} | {bn} | {r.bn_size} | {r.lr(base_lr):g} | "
             f"{'yes' if r.warmup else 'no'} | {ap} | {fmt(o.AP50) if o.status == 'done' else '-'} | "
