@@ -261,17 +261,15 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
         label="batch 4 (baseline, 2 seeds)",
         zorder=3,
     )
-    nowarm = [o for o in outcomes if not Run(**o.run).warmup]
-    for o in nowarm:
-        y = o.AP if o.AP is not None else 0.0
-        ax.scatter(
-            [Run(**o.run).bn_size],
-            [y],
-            marker="x",
-            color="C3",
-            s=60,
-            label=f"batch 16, no warmup ({o.status})",
-        )
+    measured = [o.AP for o in outcomes if o.AP is not None]
+    bottom = min(measured) - 0.05 if measured else 0.0
+    for o in outcomes:  # diverged runs at the bottom edge, marked
+        r = Run(**o.run)
+        if o.AP is None and o.status == "diverged":
+            label = f"batch {r.total_batch}{'' if r.warmup else ', no warmup'}: diverged"
+            ax.scatter([r.bn_size], [bottom + 0.01], marker="x", color="C3", s=60, label=label, zorder=3)
+    if measured:
+        ax.set_ylim(bottom, max(measured) + 0.03)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("BN size (images per BN statistic)")
     ax.set_ylabel("COCO AP (val)")
