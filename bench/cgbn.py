@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bn_shapes, collect, new_figure, savefig, summary, table, write_result
+from common import REPO, bn_shapes, collect, new_figure, savefig, summary, table, write_result
 from torch import nn
 
 HERE = Path(__file__).resolve()
@@ -100,15 +100,88 @@ def worker(size: int, repeats: int) -> None:
     distributed.shutdown()
 
 
+def against(rev: str, size: int, repeats: int) -> dict:
+    """This layer vs the one of git revision ``rev``, forced statistics path, one process, interleaved
+    with nn.BatchNorm2d: the regression check for "the CPU path must not get slower"."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from megdet_hpc.distributed.single import SingleProcessComm
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:megdet_hpc/layers/cgbn.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    source = source.replace(
+        "from megdet_hpc.dist import", "from megdet_hpc.distributed import"
+    )  # renamed since
+    path = Path(tempfile.mkdtemp()) / "cgbn_old.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("cgbn_old", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    torch.set_num_threads(1)
+    comm = SingleProcessComm()
+    shapes = bn_shapes(size, size)
+    xs, gs = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+    olds = [old.CrossGPUBatchNorm2d(s[1], comm=comm) for s in shapes]
+    for m in olds:
+        m._force_sync = True  # that revision's spelling of force_sync
+    stacks = {
+        "nn.BatchNorm2d": [nn.BatchNorm2d(s[1]) for s in shapes],
+        f"CGBN at {rev}": olds,
+        "CGBN now": [CrossGPUBatchNorm2d(s[1], comm=comm, force_sync=True) for s in shapes],
+    }
+
+    def run(mods: list[nn.Module]) -> float:
+        t0 = time.perf_counter()
+        for m, x, g in zip(mods, xs, gs):
+            m(x.detach().requires_grad_(True)).backward(g)
+        return time.perf_counter() - t0
+
+    for mods in stacks.values():
+        run(mods)
+    samples: dict[str, list[float]] = {k: [] for k in stacks}
+    for _ in range(repeats):
+        for k, mods in stacks.items():
+            samples[k].append(run(mods))
+    ms = {k: 1e3 * summary(v)["median"] for k, v in samples.items()}
+    return {
+        "rev": rev,
+        "ms": ms,
+        "now_over_rev": ms["CGBN now"] / ms[f"CGBN at {rev}"],
+        "rev_over_bn": ms[f"CGBN at {rev}"] / ms["nn.BatchNorm2d"],
+        "now_over_bn": ms["CGBN now"] / ms["nn.BatchNorm2d"],
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=320, help="image side (pixels) for the BN shapes")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="N=1 and N=2 only")
     p.add_argument("--worker", action="store_true")
+    p.add_argument("--against", metavar="REV", help="only: this layer vs git revision REV, one process")
     a = p.parse_args()
     if a.worker:
         worker(a.size, a.repeats)
+        return 0
+    if a.against:
+        result = against(a.against, a.size, max(a.repeats, 9))
+        print(
+            table(
+                [{"contender": k, "ms": v} for k, v in result["ms"].items()],
+                [("contender", "contender"), ("ms", "ms")],
+            )
+        )
+        print(f"now / {a.against}: {result['now_over_rev']:.3f}")
+        print(f"wrote {write_result('cgbn_against', result)}")
         return 0
     rows = []
     for label, launcher, n, env in CONTENDERS:

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 python -m megdet_hpc.data.synthetic --out datasets/synthetic --train 400 --val 100 --size 128
+echo "=== bench/cgbn.py --against e2095c9 (this layer vs the one before the CUDA rewrite: CPU regression check)"
+python bench/cgbn.py --against e2095c9
 for b in cgbn train_step comm_volume checkpoint eval; do
   echo "=== bench/$b.py"
   python "bench/$b.py"
