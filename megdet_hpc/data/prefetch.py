@@ -8,6 +8,7 @@ stream waits for that copy only when it takes the batch.  On the CPU it only con
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,12 @@ import torch
 from megdet_hpc.data.coco import to_float
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]], tuple[int, int]]
+
+
+def _shutdown_workers(batches: Iterator[Batch]) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -35,6 +42,11 @@ class DevicePrefetcher:
         self.batches = batches
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The loader's workers ignore SIGTERM (Slurm signals every process of a job step; the trainer
+        # must checkpoint first), so Python's exit-time "terminate, then join" of child processes would
+        # wait for them forever: shut them down when this iterator goes away or the interpreter exits,
+        # whichever comes first (this runs before multiprocessing's own exit handler).
+        self._finalizer = weakref.finalize(self, _shutdown_workers, batches)
         self._next: Batch | None = None
         if self.stream is not None:
             self._next = self._issue()
@@ -61,7 +73,5 @@ class DevicePrefetcher:
         return images, targets, position
 
     def shutdown(self) -> None:
-        """Stop the loader's worker processes now (they ignore SIGTERM: exit-time cleanup would wait)."""
-        shutdown = getattr(self.batches, "_shutdown_workers", None)
-        if callable(shutdown):
-            shutdown()
+        """Stop the loader's worker processes now (idempotent)."""
+        self._finalizer()
