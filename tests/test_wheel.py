@@ -129,6 +129,7 @@ def test_two_iterations_on_the_embedded_data_from_outside_the_checkout(fresh_ven
         "model.max_size=64",
         "model.anchor_sizes=[8,16,32,64,128]",
         "solver.max_iter=2",
+        "solver.total_batch=2",
         "data.num_workers=0",
         "train.output_dir=out",
         "eval.max_images=2",

@@ -13,8 +13,12 @@ its schedule rescaled in images).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from megdet_hpc.launch.sbatch import CONTROL
@@ -108,16 +112,38 @@ def _submitit(a) -> int:  # type: ignore[no-untyped-def]
         return 0
     executor = make_executor(a.folder.resolve(), a.local, res)
     try:
-        submitted = executor.submit(job)
+        with _stderr_captured() as said:  # sbatch writes its refusal to our stderr too
+            submitted = executor.submit(job)
     except Exception as exc:  # submitit's FailedJobError carries sbatch's complaint
         if type(exc).__name__ != "FailedJobError":
             raise
-        reason = [line.strip() for line in str(exc).splitlines() if "error" in line.lower()]
-        raise LaunchError(f"sbatch refused the job: {(reason or [str(exc)])[-1]}") from exc
+        lines = [line.strip() for line in (said.text + str(exc)).splitlines() if "error" in line.lower()]
+        raise LaunchError(f"sbatch refused the job: {(lines or [str(exc)])[0]}") from exc
     print(f"submitted job {submitted.job_id} ({'local' if a.local else 'slurm'}); {summary}")
     print(f"logs: {submitted.paths.stdout}  {submitted.paths.stderr}")
     print(f"output: {cfg.train.output_dir}")
     return follow(submitted, a.local) if a.wait else 0
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[_Captured]:
+    """File descriptor 2 (child processes write there directly) into ``.text`` while the block runs."""
+    sys.stderr.flush()
+    captured = _Captured()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read()
 
 
 def local_parser() -> ArgumentParser:

@@ -127,8 +127,8 @@ def test_forced_path_in_one_process_matches_float64_bn(momentum: float | None) -
 
     for offset in (0.0, 1e4):
         gen = torch.Generator().manual_seed(3)
-        x64 = torch.randn(4, C, 5, 6, generator=gen, dtype=torch.float64) * 2 + offset
-        g64 = torch.randn(x64.shape, generator=gen, dtype=torch.float64)
+        x64 = (torch.randn(4, C, 5, 6, generator=gen, dtype=torch.float64) * 2 + offset).float().double()
+        g64 = torch.randn(x64.shape, generator=gen, dtype=torch.float64)  # x64: exactly the float32 input
         layer = CrossGPUBatchNorm2d(C, momentum=momentum, comm=SingleProcessComm(), force_sync=True)
         ref = nn.BatchNorm2d(C, momentum=momentum).double()
         for _ in range(3):  # running statistics over several steps (momentum None: cumulative average)
