@@ -29,7 +29,7 @@ setup(
             "megdet-train=megdet_hpc.train:main",
             "megdet-evaluate=megdet_hpc.evaluate:main",
             "megdet-launch=megdet_hpc.launch.__main__:main",
-            "megdet-plan=megdet_hpc.perf.__main__:main",
+            "megdet-plan=megdet_hpc.plan:main",
             "megdet-visualize=megdet_hpc.visualize:main",
         ]
     },

@@ -11,10 +11,10 @@ for b in cgbn train_step comm_volume checkpoint eval; do
   python "bench/$b.py"
 done
 echo "=== planner, calibrated on this machine (demo config)"
-python -m megdet_hpc.perf --config configs/demo_cpu.yaml --calibrate --launcher mpirun --gpus 1 2 4 8 --out bench/results/plan_demo
-python -m megdet_hpc.perf --config configs/demo_cpu.yaml --calibrate --launcher hvd-mpi --gpus 1 2 4 8 --out bench/results/plan_demo_hvd
+python -m megdet_hpc.plan --config configs/demo_cpu.yaml --calibrate --launcher mpirun --gpus 1 2 4 8 --out bench/results/plan_demo
+python -m megdet_hpc.plan --config configs/demo_cpu.yaml --calibrate --launcher hvd-mpi --gpus 1 2 4 8 --out bench/results/plan_demo_hvd
 echo "=== planner, MegDet 2018 preset (bs256 config)"
-python -m megdet_hpc.perf --config configs/megdet_r50_fpn_bs256.yaml --preset megdet2018 \
+python -m megdet_hpc.plan --config configs/megdet_r50_fpn_bs256.yaml --preset megdet2018 \
   --gpus 8 16 32 64 128 --out bench/results/plan_megdet2018
-python -m megdet_hpc.perf --config configs/megdet_r50_fpn_bs16.yaml --preset megdet2018 \
+python -m megdet_hpc.plan --config configs/megdet_r50_fpn_bs16.yaml --preset megdet2018 \
   --gpus 8 --out bench/results/plan_megdet2018_bs16

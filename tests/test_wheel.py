@@ -22,7 +22,7 @@ MODULE_MAINS = [
     "megdet_hpc.evaluate",
     "megdet_hpc.visualize",
     "megdet_hpc.launch",
-    "megdet_hpc.perf",
+    "megdet_hpc.plan",
     "megdet_hpc.perf.calibrate",
     "megdet_hpc.data.synthetic",
     "megdet_hpc.solver.schedule",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megdet_hpc.launch.local import local_env
-from megdet_hpc.perf.__main__ import main as plan_main
 from megdet_hpc.perf.cost_model import PRESETS, Link, Machine, Workload, predict
+from megdet_hpc.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "megdet_hpc.perf",
+            "megdet_hpc.plan",
             "--config",
             str(cfg),
             "--calibrate",

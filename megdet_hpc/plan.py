@@ -1,4 +1,4 @@
-"""``python -m megdet_hpc.perf --config C [--gpus 1 8 16 32 64 128] [--preset P | --calibrate]``
+"""``python -m megdet_hpc.plan --config C [--gpus 1 8 16 32 64 128] [--preset P | --calibrate]``
 
 The planner: per-iteration time, images/s, scaling efficiency and time-to-train of a config's
 schedule on 1..N GPUs (``megdet_hpc.perf.cost_model``); a table, JSON and a PNG.
@@ -57,7 +57,7 @@ def measured_gpu_compute(path: Path) -> tuple[float, str] | None:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="megdet_hpc.perf", description="Plan a MegDet job from 1 to N GPUs")
+    p = ArgumentParser(prog="megdet_hpc.plan", description="Plan a MegDet job from 1 to N GPUs")
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128])
     p.add_argument("--preset", choices=sorted(PRESETS), default="h100-ib100")
@@ -171,7 +171,7 @@ def _plot(a, preds, machine: Machine) -> None:  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse(argv)
-    return run_cli(lambda: plan(args), "megdet_hpc.perf")
+    return run_cli(lambda: plan(args), "megdet_hpc.plan")
 
 
 if __name__ == "__main__":
