@@ -51,8 +51,12 @@ class DevicePrefetcher:
         if self.stream is not None:
             self._next = self._issue()
 
-    def _issue(self) -> Batch:
-        batch = next(self.batches)
+    def _issue(self) -> Batch | None:
+        """Start the next batch's copy; None once the source is exhausted (a finite source still
+        yields its last batch)."""
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
         assert self.stream is not None
         with torch.cuda.stream(self.stream):
             return _to_device(batch, self.device)
@@ -63,7 +67,8 @@ class DevicePrefetcher:
     def __next__(self) -> Batch:
         if self.stream is None:
             return _to_device(next(self.batches), self.device)
-        assert self._next is not None
+        if self._next is None:
+            raise StopIteration
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.stream)
         images, targets, position = self._next
