@@ -3,39 +3,40 @@
 BatchNorm statistics are computed over the images of *every* rank of a BN group, forward and backward,
 so a detector trained with 2 images per GPU normalises as if it saw the whole group's batch.
 
-Forward: **one** allreduce per layer of ``[sum x, sum x^2, n]`` (2C+1 float64).  Each rank computes
-its shard's mean ``m`` and biased variance ``v`` with the native BN statistics kernel and sends
-``[n m, n v + n m^2, n]``; the group's mean and variance follow from the sums.  float64 because the
-payload is C-sized (free next to the latency) and ``E[x^2] - E[x]^2`` then stays exact to ~1e-8 even
-for inputs offset by 1e4 standard deviations, where float32 loses the variance entirely.  Counts
-weight uneven batches; an empty rank sends zeros but still joins.  torch's SyncBatchNorm all-gathers
-N x (2C+1) values instead: O(N C) bytes per layer against our O(C).
+**Exact whatever the kernel accumulates in.**  CUDA's ``batch_norm_update_stats`` accumulates float32
+input in float32 (Welford); the CPU kernel in float64.  Far from the origin (inputs offset by 1e4
+standard deviations) float32 loses the variance.  So every shard is first *shifted* by one of its own
+values per channel, ``d = x - K`` with ``K = x[0, :, 0, 0]``: ``d`` is centred to within the data's
+spread, and the kernel's statistics of ``d`` are accurate in any accumulator (the shifted-data
+algorithm).  The layer then works in that frame throughout: it normalises ``d`` with the group mean
+expressed in it (``M - K``, formed in float64, small), and saves ``d`` (not ``x``, which is then freed)
+for backward.  No conditioning decision, no host round trip, one code path on every device.  fp16/bf16
+inputs skip the shift: their own rounding (1e-3) is far coarser than float32 statistics' error.
 
-Backward: **one** allreduce of ``[sum dy, sum dy * x_hat]`` (2C float32).  Weight and bias gradients
-stay local: the optimizer's gradient allreduce averages them like every other parameter.
+Forward: **one** allreduce per layer of ``[n m, n (v + m^2), n]`` (2C+1 float64, ``m = K + mean(d)``);
+float64 because shards have different shifts, and ``E[x^2] - E[x]^2`` in float64 keeps ~1e-8 even at a
+1e4 offset.  Counts weight uneven batches; an empty rank sends zeros but still joins.  torch's
+SyncBatchNorm all-gathers N x (2C+1) values instead: O(N C) bytes per layer against our O(C).
+Backward: **one** allreduce of ``[sum dy, sum dy x_hat]`` (2C, the statistics' dtype).  Weight and
+bias gradients stay local: the optimizer's gradient allreduce averages them like every other parameter.
 
-Ill-conditioned inputs (``|mean| > 256 std``): the group mean is split into float32 ``hi + lo`` and
-normalisation computes ``(x - hi) * invstd * w + (b - lo * invstd * w)``; ``x - hi`` is exact near the
-mean.  CUDA's BN kernels compute ``(x - mean)`` first, so that is always the path there.  CPU's kernels
-fold the mean into a bias (``x * a + b``, which cancels catastrophically for such inputs), so the CPU
-takes an explicit elementwise path for them.  A shard's mean itself gets a compensated pass
-(``m + mean(x - m)``) when its inputs are ill-conditioned: decided exactly per call on the CPU (free),
-and on CUDA from the layer's previous group statistics, read back through pinned memory without
-waiting on the GPU (the first call always compensates).
+Few ops, nothing that stops a CUDA graph: the payload buffers are preallocated per layer and written
+with ``out=``, the count is a device tensor, the running statistics are updated on the device with one
+``_foreach_lerp_``; no ``.item()``, no events, no host branches on device values
+(``bench/cgbn_ops.py`` counts the ops next to ``nn.BatchNorm2d``).
+Kernels (``kernels=``): ``portable`` uses native ops present on CPU and CUDA (``batch_norm_update_stats``,
+eval-mode ``native_batch_norm``, ``native_batch_norm_backward``); ``fused`` uses torch's CUDA SyncBN
+elementwise kernels (``batch_norm_elemt``, ``batch_norm_backward_elemt``); ``auto`` = fused on CUDA.
 
-No host synchronisation on CUDA: the count, the conditioning and the running-statistics update stay
-on the device (``torch.cuda.set_sync_debug_mode("error")`` holds through forward and backward).
-Kernels (``kernels=``): ``portable`` uses native ops that exist on CPU and CUDA (``batch_norm_update_stats``,
-eval-mode ``native_batch_norm``, ``native_batch_norm_backward``); ``fused`` adds torch's CUDA-only
-SyncBN elementwise kernels (``batch_norm_elemt``, ``batch_norm_backward_elemt``: one pass each instead
-of three); ``auto`` = fused on CUDA, portable elsewhere.  ``bash bench/gpu.sh`` times both.
-
-fp16/bf16 inputs keep float32 statistics and return the input dtype; channels_last inputs work; eval
-mode uses running statistics and communicates nothing; ``group_size=1`` or a world of one process is a
-fast path through ``nn.BatchNorm2d`` with no communication (``force_sync=True`` runs the CGBN path
-anyway, for benchmarks).  ``two_pass=True`` is the paper's variant (global mean first, then the
-variance about it: two collectives), kept for comparison.  Under activation checkpointing the
-recomputation reuses the forward's statistics (``layers/recompute.py``).
+Semantics are ``nn.BatchNorm2d``'s / ``nn.SyncBatchNorm``'s in every mode: training synchronises;
+eval with running buffers uses them; eval without buffers (``track_running_stats=False``) uses *local*
+batch statistics and communicates nothing (as SyncBatchNorm: pytorch#48988), so one rank can evaluate
+alone; ``momentum=None`` is the cumulative average; float64 layers compute in float64; fp16/bf16 inputs
+keep float32 statistics and return the input dtype, their gradients rounded once; channels_last inputs
+stay channels_last.  ``group_size=1`` or a one-process group is ``nn.BatchNorm2d`` itself
+(``force_sync=True`` runs the CGBN path anyway, for benchmarks).  ``two_pass=True`` is the paper's
+variant (global mean first, then the variance about it: two collectives), kept for comparison.  Under
+activation checkpointing the recomputation reuses the forward's statistics (``layers/recompute.py``).
 """
 
 from __future__ import annotations
@@ -51,28 +52,24 @@ from torch import nn
 from megdet_hpc.distributed import Comm, Group, stats_comm
 from megdet_hpc.layers import recompute
 
-# Inputs whose |mean| exceeds this many standard deviations are "ill-conditioned": float32 cannot hold
-# their mean precisely enough for a fused ``x * a + b`` normalisation or a one-pass shard mean.
-ILL_CONDITIONED = 256.0
 KERNELS = ("auto", "portable", "fused")
-_CONDITION_CHECK_EVERY = 16  # CUDA: calls between conditioning checks of a layer's statistics
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 layers compute in float64; everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @dataclass(frozen=True)
 class GroupStats:
-    """Statistics of one BN group, on the input's device: mean and biased variance (float64, C) and the
+    """Statistics of one BN group on the input's device: mean and biased variance (float64, C) and the
     count (float64, shape [1]); never copied to the host."""
 
     mean: torch.Tensor
@@ -80,133 +77,157 @@ class GroupStats:
     total: torch.Tensor
 
 
-def _shard_moments(x: torch.Tensor, compensate: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's mean (float64) and biased variance (float32), from the native statistics kernel.
+@dataclass(frozen=True)
+class _Frame:
+    """What normalisation and backward need, in the shifted frame of one call (statistics dtype):
+    the group mean minus this shard's shift, the group variance and 1/sqrt(var + eps), the count."""
 
-    ``compensate``: re-take the mean as ``m + mean(x - m)`` (terms of the size of the spread, exact
-    enough in float32) and move the variance to it (``E[(x-a)^2] = var + (mean-a)^2``).  None: decide
-    from this shard's own moments (CPU, where reading them back costs nothing).
-    """
-    xs = x if x.is_cuda else _as_float(x)  # CUDA kernels take fp16/bf16 with float32 statistics
-    mean32, var32 = torch.batch_norm_update_stats(xs, None, None, 0.0)
-    if compensate is None:
-        compensate = bool((mean32.abs() > ILL_CONDITIONED * torch.sqrt(var32 + 1e-5)).any())
-    if not compensate:
-        return mean32.double(), var32
-    delta = (_as_float(x) - _view(mean32, x)).mean(_reduce_dims(x), dtype=torch.float64)
-    return mean32.double() + delta, (var32.double() - delta * delta).clamp_min_(0.0).float()
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+    total: torch.Tensor
+
+
+class _Workspace:
+    """Per-layer buffers reused every call (one device, one channel count): the local moments, the
+    forward and backward payloads and the group moments, each written with ``out=``.  Nothing derived
+    from them outlives a call, so reuse is safe; CUDA-graph capture sees fixed addresses."""
+
+    def __init__(self, channels: int, device: torch.device, dtype: torch.dtype) -> None:
+        c = channels
+        f64 = {"dtype": torch.float64, "device": device}
+        self.key = (c, device, dtype)
+        self.local = torch.empty(2 * c + 1, **f64)  # [m, v + m^2, 1]
+        self.local[2 * c :].fill_(1.0)
+        self.local_mean, self.local_sq = self.local[:c], self.local[c : 2 * c]
+        # One float64 block: the payload [n m, n (v + m^2), n] summed over the group, then the group
+        # moments [unbiased V, M, V, M - K].  [M, V] is where the division writes; the whole block is
+        # cast to the statistics dtype in one op (``_frame``).
+        self.block = torch.empty(6 * c + 1, **f64)
+        self.payload = self.block[: 2 * c + 1]
+        self.sums, self.count = self.payload[: 2 * c].view(2, c), self.payload[2 * c :]
+        self.moments = self.block[2 * c + 1 :].view(4, c)
+        self.mean_var = self.moments[1:3]
+        self.unbiased, self.mean, self.var, self.shifted = self.moments.unbind(0)
+        self.split = [2 * c, 1, c, c, c, c]
+        self.grad = torch.empty(2 * c, dtype=dtype, device=device)  # [sum dy, sum dy x_hat]
+        self.grad_pairs = self.grad.view(2, c)
+        self.grad_dy, self.grad_dy_xhat = self.grad[:c], self.grad[c:]
+        self.zeros = torch.zeros(2, c, dtype=dtype, device=device)
+        self.ones = torch.ones(c, dtype=dtype, device=device)  # weight of a non-affine layer (CUDA)
+
+
+def _shard(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This shard shifted by its first pixel per channel (``d``, ``K``); half inputs and empty shards
+    are not shifted (K None)."""
+    if x.dtype in _HALF or x.numel() == 0:
+        return x, None
+    c, stride, offset = x.shape[1], x.stride(1), x.storage_offset()
+    shift = x.as_strided((c,), (stride,), offset)
+    return x - x.as_strided((c, 1, 1), (stride, 0, 0), offset), shift
+
+
+def _sync_statistics(
+    d: torch.Tensor,
+    shift: torch.Tensor | None,
+    ws: _Workspace,
+    comm: Comm,
+    group: Group | None,
+    name: str | None,
+) -> None:
+    """One allreduce: afterwards ``ws.moments`` holds [M, V, V n/(n-1), M - K] of the whole group."""
+    c = d.shape[1]
+    n = d.numel() // c if c else 0
+    if n:
+        source = d if d.is_cuda or d.dtype not in _HALF else d.float()  # CPU kernels: no half input
+        mean_d, var_d = torch.batch_norm_update_stats(source, None, None, 0.0)
+        ws.local_mean.copy_(mean_d)
+        if shift is not None:
+            ws.local_mean.add_(shift)  # in float64: K + mean(d) would round at 1e4 in float32
+        torch.addcmul(var_d, ws.local_mean, ws.local_mean, out=ws.local_sq)
+        torch.mul(ws.local, n, out=ws.payload)
+    else:
+        ws.payload.zero_()
+    comm.allreduce_(ws.payload, group, name and f"{name}.fwd")
+    # A rank with data knows the group's count is positive; an empty one guards the division.
+    torch.div(ws.sums, ws.count if n else ws.count.clamp(min=1.0), out=ws.mean_var)  # [M, E x^2]
+    torch.addcmul(ws.var, ws.mean, ws.mean, value=-1.0, out=ws.var).clamp_(min=0.0)
+    torch.addcdiv(ws.var, ws.var, (ws.count - 1.0).clamp_(min=1.0), out=ws.unbiased)  # V n / (n - 1)
+    if shift is None:
+        ws.shifted.copy_(ws.mean)
+    else:
+        torch.sub(ws.mean, shift, out=ws.shifted)
+
+
+def _two_pass_statistics(
+    x: torch.Tensor, ws: _Workspace, comm: Comm, group: Group | None, name: str | None
+) -> None:
+    """The paper's variant: the group mean first, then the variance about it (two collectives)."""
+    c = x.shape[1]
+    n = x.numel() // c if c else 0
+    first = ws.payload[: c + 1]
+    xf = x.double()
+    dims = [0, 2, 3]
+    if n:
+        torch.sum(xf, dims, out=first[:c])
+    else:
+        first[:c].zero_()
+    first[c:].fill_(float(n))
+    comm.allreduce_(first, group, name and f"{name}.sum")
+    total = first[c:].clone()
+    ws.mean.copy_(first[:c] / total.clamp(min=1.0))
+    second = ws.payload[c + 1 : 2 * c + 1]
+    if n:
+        torch.sum((xf - ws.mean.view(1, c, 1, 1)) ** 2, dims, out=second)
+    else:
+        second.zero_()
+    comm.allreduce_(second, group, name and f"{name}.sq")
+    ws.var.copy_(second / total.clamp(min=1.0))
+    ws.count.copy_(total)
+    torch.mul(ws.var, total / (total - 1.0).clamp(min=1.0), out=ws.unbiased)
+    ws.shifted.copy_(ws.mean)
 
 
 @torch.no_grad()
 def group_statistics(
-    x: torch.Tensor,
-    comm: Comm,
-    group: Group | None,
-    *,
-    two_pass: bool = False,
-    compensate: bool | None = None,
-    name: str | None = None,
+    x: torch.Tensor, comm: Comm, group: Group | None, *, two_pass: bool = False, name: str | None = None
 ) -> GroupStats:
-    """Mean, variance and count over every rank of ``group``: one collective (two with ``two_pass``)."""
-    channels = x.shape[1]
-    n = x.numel() // channels if channels else 0
-    opts: dict[str, Any] = {"dtype": torch.float64, "device": x.device}
+    """Mean, biased variance and count over every rank of ``group``: one collective (two with
+    ``two_pass``); the building block of the layer, public for tools that need group moments."""
+    ws = _Workspace(x.shape[1], x.device, _stats_dtype(x))
     if two_pass:
-        first = torch.full((channels + 1,), float(n), **opts)
-        if n:
-            torch.sum(_as_float(x), _reduce_dims(x), dtype=torch.float64, out=first[:channels])
-        else:
-            first[:channels].zero_()
-        comm.allreduce_(first, group, name and f"{name}.sum")
-        total = first[channels:]
-        mean = first[:channels] / total.clamp(min=1.0)
-        second = torch.zeros(channels, **opts)
-        if n:
-            xf = _as_float(x)
-            torch.sum(
-                (xf - _view(mean.to(xf.dtype), xf)) ** 2, _reduce_dims(x), dtype=torch.float64, out=second
-            )
-        comm.allreduce_(second, group, name and f"{name}.sq")
-        return GroupStats(mean, second / total.clamp(min=1.0), total)
-
-    payload = torch.full((2 * channels + 1,), float(n), **opts)
-    if n:
-        mean, var = _shard_moments(x, compensate)
-        torch.mul(mean, n, out=payload[:channels])
-        # n v + n m^2, written straight into the payload
-        torch.addcmul(var * n, mean, payload[:channels], out=payload[channels : 2 * channels])
+        _two_pass_statistics(x, ws, comm, group, name)
     else:
-        payload[: 2 * channels].zero_()
-    comm.allreduce_(payload, group, name and f"{name}.fwd")
-    total = payload[2 * channels :]
-    norm = total if n else total.clamp(min=1.0)  # a rank with data knows the total is positive
-    mean = payload[:channels] / norm
-    var = torch.addcmul(payload[channels : 2 * channels] / norm, mean, mean, value=-1.0).clamp_(min=0.0)
-    return GroupStats(mean, var, total)
+        d, shift = _shard(x)
+        _sync_statistics(d, shift, ws, comm, group, name)
+    return GroupStats(ws.mean.clone(), ws.var.clone(), ws.count.clone())
 
 
-class _Kernels:
-    """The elementwise halves of BN with group statistics, for one input (see module docstring)."""
-
-    def __init__(self, x: torch.Tensor, choice: str, exact_cpu: bool) -> None:
-        self.fused = x.is_cuda and choice in ("auto", "fused")
-        self.explicit = not x.is_cuda and exact_cpu  # CPU, ill-conditioned: no fused x * a + b
-
-    def normalize(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        shifted_bias: torch.Tensor,
-        hi: torch.Tensor,
-        invstd: torch.Tensor,
-        var32: torch.Tensor,
-        eps: float,
-    ) -> torch.Tensor:
-        if self.explicit:
-            scale = invstd * weight
-            xf = _as_float(x)
-            return torch.addcmul(_view(shifted_bias, xf), xf - _view(hi, xf), _view(scale, xf)).to(x.dtype)
-        if self.fused:
-            return torch.batch_norm_elemt(x, weight, shifted_bias, hi, invstd, eps)
-        return torch.native_batch_norm(x, weight, shifted_bias, hi, var32, False, 0.0, eps)[0]
-
-    def grad_input(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        hi: torch.Tensor,
-        lo: torch.Tensor,
-        invstd: torch.Tensor,
-        var32: torch.Tensor,
-        sums: torch.Tensor,
-        total: torch.Tensor,
-        eps: float,
-    ) -> torch.Tensor:
-        """``w invstd (dy - mean(dy) - x_hat mean(dy x_hat))`` with the group means from ``sums``
-        = [sum dy, sum dy x_hat] and ``x_hat = (x - hi - lo) invstd``."""
-        channels = x.shape[1]
-        sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
-        if self.fused:
-            # torch.batch_norm_backward_elemt computes (dy - A/N - (x - hi) invstd^2 B/N) w invstd; with
-            # B = sum dy (x - mean) and A = sum dy - lo invstd^2 B it is exact for x_hat about hi + lo.
-            sum_dy_xmu = sum_dy_xhat / invstd
-            shifted = torch.addcmul(sum_dy, lo * invstd, sum_dy_xhat, value=-1.0)
-            count = total.to(torch.int32)
-            return torch.batch_norm_backward_elemt(dy, x, hi, invstd, weight, shifted, sum_dy_xmu, count)
-        norm = total.float()
-        scale = invstd * weight
-        k1, k2 = sum_dy / norm, sum_dy_xhat / norm
-        dyf = _as_float(dy)
-        if self.explicit:
-            xf = _as_float(x)
-            x_hat = (xf - _view(hi, xf) - _view(lo, xf)) * _view(invstd, xf)
-            return ((dyf - _view(k1, dyf) - x_hat * _view(k2, dyf)) * _view(scale, dyf)).to(x.dtype)
-        # scale (dy - k1 - x_hat k2) = scale dy + BN_eval(x; mean=hi, weight=-scale k2, bias=-scale k1 + scale k2 invstd lo)
-        affine_w = -scale * k2
-        affine_b = torch.addcmul(-scale * k1, affine_w, lo * invstd, value=-1.0)
-        affine = _as_float(torch.native_batch_norm(x, affine_w, affine_b, hi, var32, False, 0.0, eps)[0])
-        return torch.addcmul(affine, dyf, _view(scale, dyf)).to(x.dtype)
+def _update_running_stats(
+    layer: CrossGPUBatchNorm2d,
+    mean: torch.Tensor,
+    unbiased: torch.Tensor,
+    count: torch.Tensor,
+    has_data: bool,
+) -> None:
+    """nn.BatchNorm2d's rule (unbiased running_var) from group statistics, on the device: every rank
+    of the group computes bit-identical buffers; a group without data leaves them."""
+    rm, rv, tracked = layer.running_mean, layer.running_var, layer.num_batches_tracked
+    assert rm is not None and rv is not None and tracked is not None
+    if rm.dtype != mean.dtype:  # a .half() model keeps half buffers
+        mean, unbiased = mean.to(rm.dtype), unbiased.to(rv.dtype)
+    if has_data and layer.momentum is not None:
+        tracked.add_(1)
+        torch._foreach_lerp_([rm, rv], [mean, unbiased], layer.momentum)
+        return
+    # Rarer rules: the cumulative average (momentum None) and a rank without data (the group's count
+    # decides, on the device).
+    seen = (count > 0).to(tracked.dtype) if not has_data else torch.ones_like(tracked)
+    tracked.add_(seen.reshape(tracked.shape))
+    factor = (1.0 / tracked.clamp(min=1).to(rm.dtype)) if layer.momentum is None else layer.momentum
+    weight = (seen.to(rm.dtype) * factor).reshape(1)
+    rm.lerp_(mean, weight)
+    rv.lerp_(unbiased, weight)
 
 
 class _CrossGPUBatchNormFunction(torch.autograd.Function):
@@ -216,83 +237,124 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        total: torch.Tensor,
-        eps: float,
-        exact_cpu: bool,
-        kernels: str,
-        comm: Comm,
-        group: Group | None,
-        name: str | None,
+        layer: CrossGPUBatchNorm2d,
     ) -> torch.Tensor:
-        channels = x.shape[1]
-        hi = mean.float()
-        lo = (mean - hi).float()
-        var32 = var.float()
-        invstd = torch.rsqrt(var + eps).float()
-        w = weight.float() if weight is not None else torch.ones(channels, device=x.device)
-        b = bias.float() if bias is not None else torch.zeros(channels, device=x.device)
-        ops = _Kernels(x, kernels, exact_cpu)
-        if x.numel():
-            shifted_bias = torch.addcmul(b, lo, invstd * w, value=-1.0)
-            out = ops.normalize(x, w, shifted_bias, hi, invstd, var32, eps)
+        comm, group, name, eps = layer._comm, layer._group, layer._name, layer.eps
+        assert comm is not None
+        ws = layer._workspace(x)
+        replay = recompute.current_mode() == recompute.REPLAY
+        if layer.two_pass:
+            d, shift = x, None
         else:
+            d, shift = _shard(x)
+        if replay:  # recomputation under activation checkpointing: the forward's statistics, no collective
+            frame = layer._replay.popleft()
+        else:
+            if layer.two_pass:
+                _two_pass_statistics(x, ws, comm, group, name)
+            else:
+                _sync_statistics(d, shift, ws, comm, group, name)
+            frame, mean, unbiased = _frame(ws, eps)
+            if layer.training and layer.track_running_stats and layer.running_mean is not None:
+                _update_running_stats(layer, mean, unbiased, ws.count, has_data=x.numel() > 0)
+            if recompute.current_mode() == recompute.RECORD:
+                layer._replay.append(frame)
+        w, b = _param(weight), _param(bias)
+        if d.numel() == 0:
             out = torch.empty_like(x)
-        ctx.save_for_backward(x, w, hi, lo, invstd, var32, total)
-        ctx.has_weight = weight is not None
-        ctx.eps, ctx.exact_cpu, ctx.kernels, ctx.comm, ctx.group, ctx.name = (
-            eps,
-            exact_cpu,
-            kernels,
-            comm,
-            group,
-            name,
+        elif _fused(d, layer.kernels):
+            out = torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, eps)
+        else:
+            out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, eps)[0]
+        ctx.save_for_backward(d, w, frame.mean, frame.var, frame.invstd, frame.total)
+        ctx.layer, ctx.eps = layer, eps
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None,
         )
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, w, hi, lo, invstd, var32, total = ctx.saved_tensors
-        channels = x.shape[1]
-        ops = _Kernels(x, ctx.kernels, ctx.exact_cpu)
-        dy = (
-            grad_out
-            if grad_out.is_contiguous(memory_format=_layout(x))
-            else grad_out.contiguous(memory_format=_layout(x))
-        )
-        if x.numel():
-            if ops.explicit:
-                xf, dyf = _as_float(x), _as_float(dy)
-                x_hat = (xf - _view(hi, xf) - _view(lo, xf)) * _view(invstd, xf)
-                dims = _reduce_dims(x)
-                sums = torch.cat([dyf.sum(dims), (dyf * x_hat).sum(dims)])
-            else:  # native fused reduction: sum dy (x - hi) invstd and sum dy; then the lo correction
-                _, dy_xhi, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                    dy, x, w, None, None, hi, invstd, True, ctx.eps, [False, True, True]
-                )
-                sums = torch.cat([sum_dy, torch.addcmul(dy_xhi, lo * invstd, sum_dy, value=-1.0)])
+        d, w, mean, var, invstd, total = ctx.saved_tensors
+        layer: CrossGPUBatchNorm2d = ctx.layer
+        ws = layer._workspace(d)
+        c = d.shape[1]
+        dy = grad_out.contiguous(memory_format=_layout(d))
+        grad_w = grad_b = None
+        if d.numel():
+            weight = w if w is not None else ws.ones
+            _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                dy, d, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+            )
+            torch.cat([grad_b, grad_w], out=ws.grad)
         else:
-            sums = torch.zeros(2 * channels, device=x.device)
-        local = sums.clone() if ctx.has_weight and any(ctx.needs_input_grad[1:3]) else None
-        ctx.comm.allreduce_(sums, ctx.group, ctx.name and f"{ctx.name}.bwd")
+            ws.grad.zero_()
+        layer._comm.allreduce_(ws.grad, layer._group, layer._name and f"{layer._name}.bwd")
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if x.numel():
-                grad_x = ops.grad_input(dy, x, w, hi, lo, invstd, var32, sums, total, ctx.eps)
-            else:
-                grad_x = torch.empty_like(x)
-        grad_w = grad_b = None
-        if local is not None:
-            grad_w = local[channels:] if ctx.needs_input_grad[1] else None
-            grad_b = local[:channels] if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, *([None] * 9)
+            grad_x = _grad_input(dy, d, w, mean, var, invstd, total, ws, layer.kernels, ctx.eps)
+        w_dtype, b_dtype = ctx.param_dtypes
+        if w_dtype is None or not ctx.needs_input_grad[1]:
+            grad_w = None
+        elif grad_w is None:
+            grad_w = torch.zeros(c, dtype=w_dtype, device=d.device)
+        if b_dtype is None or not ctx.needs_input_grad[2]:
+            grad_b = None
+        elif grad_b is None:
+            grad_b = torch.zeros(c, dtype=b_dtype, device=d.device)
+        if grad_w is not None and grad_w.dtype != w_dtype:  # a .half() model: half parameters
+            grad_w = grad_w.to(w_dtype)
+        if grad_b is not None and grad_b.dtype != b_dtype:
+            grad_b = grad_b.to(b_dtype)
+        return grad_x, grad_w, grad_b, None
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def _frame(ws: _Workspace, eps: float) -> tuple[_Frame, torch.Tensor, torch.Tensor]:
+    """The call's frame quantities in the statistics dtype, as fresh tensors (saved for backward), and
+    the group mean and unbiased variance for the running statistics."""
+    _, count, unbiased, mean, var, shifted = ws.block.to(ws.grad.dtype, copy=True).split(ws.split)
+    frame = _Frame(shifted, var, torch.rsqrt(var + eps), count)
+    return frame, mean, unbiased
+
+
+def _param(p: torch.Tensor | None) -> torch.Tensor | None:
+    """Affine parameters as the mixed-precision BN kernels want them (float32 next to half inputs)."""
+    return p.float() if p is not None and p.dtype in _HALF else p
+
+
+def _fused(x: torch.Tensor, kernels: str) -> bool:
+    return x.is_cuda and kernels in ("auto", "fused")
+
+
+def _grad_input(
+    dy: torch.Tensor,
+    d: torch.Tensor,
+    w: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    invstd: torch.Tensor,
+    total: torch.Tensor,
+    ws: _Workspace,
+    kernels: str,
+    eps: float,
+) -> torch.Tensor:
+    """``w invstd (dy - mean(dy) - x_hat mean(dy x_hat))`` with the group means from ``ws.grad``."""
+    if d.numel() == 0:
+        return torch.empty_like(d)
+    if _fused(d, kernels):
+        sum_dy_xmu = ws.grad_dy_xhat / invstd
+        count = total.to(torch.int32)
+        return torch.batch_norm_backward_elemt(dy, d, mean, invstd, w, ws.grad_dy, sum_dy_xmu, count)
+    # scale (dy - k1 - x_hat k2) = scale dy + BN_eval(d; mean, var, weight=-scale k2, bias=-scale k1),
+    # computed in the statistics dtype and rounded to the input's dtype once.
+    scale = invstd * w if w is not None else invstd
+    means = torch.div(ws.grad_pairs, total)  # [k1, k2]: the group means of dy and dy x_hat
+    affine_b, affine_w = torch.addcmul(ws.zeros, means, scale, value=-1.0).unbind(0)
+    df = d if d.dtype not in _HALF else d.float()
+    affine = torch.native_batch_norm(df, affine_w, affine_b, mean, var, False, 0.0, eps)[0]
+    grad = torch.addcmul(affine, dy, scale.view(-1, 1, 1))
+    return grad if grad.dtype == d.dtype else grad.to(d.dtype)
 
 
 class CrossGPUBatchNorm2d(nn.BatchNorm2d):
@@ -336,26 +398,17 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
         self._group: Group | None = None
         self._group_ready = False
         self._name: str | None = None  # stable collective name, the same on every rank
-        self._replay: deque[GroupStats] = deque(maxlen=64)  # statistics of checkpointed forwards
-        self._calls = 0
-        self._ill_host: torch.Tensor | None = None  # CUDA: pinned copy of the last conditioning check
-        self._ill_event: Any = None
+        self._replay: deque[_Frame] = deque(maxlen=64)  # statistics of checkpointed forwards
+        self._ws: _Workspace | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, two_pass={self.two_pass}"
 
     def __getstate__(self) -> dict[str, Any]:
-        # Comms, process groups, CUDA events and queued statistics are per-process: never pickle them.
+        # Comms, process groups, buffers in flight and queued statistics are per-process: never pickled.
         state = self.__dict__.copy()
         state.update(
-            _comm=None,
-            _group=None,
-            _group_ready=False,
-            _name=None,
-            _replay=deque(maxlen=64),
-            _ill_host=None,
-            _ill_event=None,
-            _calls=0,
+            _comm=None, _group=None, _group_ready=False, _name=None, _replay=deque(maxlen=64), _ws=None
         )
         return state
 
@@ -369,6 +422,12 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             self._group_ready = True
         return self._comm
 
+    def _workspace(self, x: torch.Tensor) -> _Workspace:
+        key = (x.shape[1], x.device, _stats_dtype(x))
+        if self._ws is None or self._ws.key != key:
+            self._ws = _Workspace(*key)
+        return self._ws
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"CrossGPUBatchNorm2d expects 4D input (N, C, H, W), got {input.dim()}D")
@@ -377,46 +436,19 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
                 f"CrossGPUBatchNorm2d has {self.num_features} channels but the input has {input.shape[1]}"
             )
 
+    def _synchronises(self) -> bool:
+        """Like nn.SyncBatchNorm: only a training forward that uses batch statistics synchronises."""
+        if not self.training or self.group_size == 1 and not self.force_sync:
+            return False
+        comm = self._resolve_comm()
+        size = self._group.size if self._group is not None else comm.size
+        return size > 1 or self.force_sync
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats or (self.group_size == 1 and not self.force_sync):
+        if not self._synchronises():
             return self._local_forward(input)
-        comm = self._resolve_comm()
-        if (self._group.size if self._group is not None else comm.size) == 1 and not self.force_sync:
-            return self._local_forward(input)
-
-        if recompute.current_mode() == recompute.REPLAY:
-            stats = self._replay.popleft()
-        else:
-            stats = group_statistics(
-                input,
-                comm,
-                self._group,
-                two_pass=self.two_pass,
-                compensate=self._needs_compensation(input),
-                name=self._name,
-            )
-            if self.training and self.track_running_stats:
-                self._update_running_stats(stats, has_data=input.numel() > 0)
-            if recompute.current_mode() == recompute.RECORD:
-                self._replay.append(stats)
-            self._watch_conditioning(stats)
-        exact_cpu = not input.is_cuda and bool(_ill_conditioned(stats, self.eps))
-        return _CrossGPUBatchNormFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            stats.mean,
-            stats.var,
-            stats.total,
-            self.eps,
-            exact_cpu,
-            self.kernels,
-            comm,
-            self._group,
-            self._name,
-        )
+        return _CrossGPUBatchNormFunction.apply(input, self.weight, self.bias, self)
 
     def _local_forward(self, input: torch.Tensor) -> torch.Tensor:
         """``nn.BatchNorm2d``; recomputed under activation checkpointing it normalises with the batch
@@ -428,59 +460,3 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
                 input, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps
             )
         return super().forward(input)
-
-    # -- conditioning ------------------------------------------------------------------------------
-    def _needs_compensation(self, x: torch.Tensor) -> bool | None:
-        """Whether this shard's mean needs the compensated pass (see module docstring); None on the
-        CPU, where ``group_statistics`` decides from the shard's own moments."""
-        if not x.is_cuda:
-            return None
-        if self._ill_host is None:
-            return True  # first call: no history yet
-        if self._ill_event is not None and self._ill_event.query():
-            self._ill_event = None
-        return bool(self._ill_host[0])
-
-    def _watch_conditioning(self, stats: GroupStats) -> None:
-        """CUDA: every few calls, copy "are these statistics ill-conditioned" to pinned host memory
-        without waiting; the next calls read it (``_needs_compensation``)."""
-        self._calls += 1
-        if not stats.mean.is_cuda or (self._calls - 1) % _CONDITION_CHECK_EVERY:
-            return
-        if self._ill_event is not None and not self._ill_event.query():
-            return  # the previous check is still in flight
-        if self._ill_host is None:
-            self._ill_host = torch.ones(1, dtype=torch.bool, pin_memory=True)
-        self._ill_host.copy_(_ill_conditioned(stats, self.eps).reshape(1), non_blocking=True)
-        self._ill_event = torch.cuda.Event()
-        self._ill_event.record()
-
-    @torch.no_grad()
-    def _update_running_stats(self, stats: GroupStats, has_data: bool) -> None:
-        """Same rule as nn.BatchNorm2d (unbiased running_var), from group statistics, on the device:
-        every rank of the group computes bit-identical buffers; a group without data leaves them."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        total = stats.total
-        if has_data:  # this rank has data, so the group's count is positive
-            self.num_batches_tracked.add_(1)
-            factor: torch.Tensor | float = (
-                self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.double()
-            )
-        else:
-            seen = total.reshape(()) > 0
-            self.num_batches_tracked.add_(seen)
-            momentum = (
-                self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.clamp(min=1)
-            )
-            factor = seen * momentum
-        unbiased = stats.var * (total / (total - 1.0).clamp(min=1.0))
-        rm, rv = self.running_mean, self.running_var
-        weight = factor.to(rm.dtype) if isinstance(factor, torch.Tensor) else factor
-        rm.lerp_(stats.mean.to(rm.dtype), weight)
-        rv.lerp_(unbiased.to(rv.dtype), weight)
-
-
-def _ill_conditioned(stats: GroupStats, eps: float) -> torch.Tensor:
-    """A 0-d bool tensor: is any channel's |mean| above ILL_CONDITIONED standard deviations?"""
-    return (stats.mean.abs() > ILL_CONDITIONED * torch.sqrt(stats.var + eps)).any()

@@ -24,26 +24,23 @@ def convert_to_cgbn(
     if isinstance(module, CrossGPUBatchNorm2d):
         return module
     if isinstance(module, nn.BatchNorm2d):
+        # Like torch's convert_sync_batchnorm: the module's own parameters and buffers move over, so
+        # their dtype (a .half() model), device and requires_grad are kept as they are.
         new = CrossGPUBatchNorm2d(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
+            device="meta",
             group_size=group_size,
             two_pass=two_pass,
         )
-        with torch.no_grad():
-            if module.affine:
-                new.weight.copy_(module.weight)
-                new.bias.copy_(module.bias)
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-            if module.track_running_stats:
-                new.running_mean.copy_(module.running_mean)
-                new.running_var.copy_(module.running_var)
-                new.num_batches_tracked.copy_(module.num_batches_tracked)
-        new.to(module.weight.device if module.affine else "cpu")
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean = module.running_mean
+        new.running_var = module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
         new.train(module.training)
         return new
     if convert_frozen and isinstance(module, FrozenBatchNorm2d):
