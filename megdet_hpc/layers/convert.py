@@ -32,7 +32,6 @@ def convert_to_cgbn(
             module.momentum,
             module.affine,
             module.track_running_stats,
-            device="meta",
             group_size=group_size,
             two_pass=two_pass,
         )
