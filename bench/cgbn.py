@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, bn_shapes, collect, new_figure, savefig, summary, table, write_result
+from common import (
+    bn_shapes,
+    collect,
+    layer_module_at,
+    new_figure,
+    savefig,
+    summary,
+    table,
+    write_result,
+)
 from torch import nn
 
 HERE = Path(__file__).resolve()
@@ -103,27 +112,9 @@ def worker(size: int, repeats: int) -> None:
 def against(rev: str, size: int, repeats: int) -> dict:
     """This layer vs the one of git revision ``rev``, forced statistics path, one process, interleaved
     with nn.BatchNorm2d: the regression check for "the CPU path must not get slower"."""
-    import importlib.util
-    import subprocess
-    import tempfile
-
     from megdet_hpc.distributed.single import SingleProcessComm
 
-    source = subprocess.run(
-        ["git", "show", f"{rev}:megdet_hpc/layers/cgbn.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    source = source.replace(
-        "from megdet_hpc.dist import", "from megdet_hpc.distributed import"
-    )  # renamed since
-    path = Path(tempfile.mkdtemp()) / "cgbn_old.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("cgbn_old", path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
+    old = layer_module_at(rev)
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     torch.set_num_threads(1)

@@ -7,10 +7,14 @@ through ``megdet_hpc.launch.local.run_and_collect``: workers call ``write_report
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from megdet_hpc.launch.local import run_and_collect
@@ -93,3 +97,25 @@ def savefig(fig: Any, name: str, folder: Path = RESULTS) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def layer_module_at(rev: str) -> ModuleType:
+    """``megdet_hpc/layers/cgbn.py`` as it was at git revision ``rev``, imported beside today's package:
+    benchmarks put an old layer next to the current one in the same process."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:megdet_hpc/layers/cgbn.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    source = source.replace(
+        "from megdet_hpc.dist import", "from megdet_hpc.distributed import"
+    )  # renamed since
+    path = Path(tempfile.mkdtemp()) / f"cgbn_{rev}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"cgbn_{rev}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

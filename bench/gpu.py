@@ -1,4 +1,4 @@
-"""Every GPU measurement in one run (``bash bench/gpu.sh``; < 8 minutes on one H100).
+"""Every GPU measurement in one run (``bash bench/gpu.sh``; budget: under 6 minutes on one H100/H200).
 
 Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.json``):
 
@@ -7,6 +7,8 @@ Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.j
   portable kernels and with torch's fused SyncBN kernels.  Target: CGBN <= 1.5x BN.
 * ``sync_free``: a CGBN forward + backward (both kernel sets, several calls) under
   ``torch.cuda.set_sync_debug_mode("error")``.
+* ``graph``: one CGBN layer captured in CUDA graphs (``make_graphed_callables``) and replayed, against
+  the eager layer; eager vs replay time.
 * ``two_ranks``: 2 ranks sharing the GPU over the same transport (torch gloo): the 53 layers with CGBN
   vs ``torch.nn.SyncBatchNorm``.  Target: CGBN no slower.
 * ``step``: Faster R-CNN R50-FPN training step, AMP, 2 images of 800 px, the project's loader:
@@ -20,7 +22,8 @@ Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.j
   the ResNet stages / stages + FPN: s/iter and peak memory (MegDet's sub-linear memory).
 
 Contenders of a section run in interleaved blocks in one process and are reported as medians and
-ratios.  ``--smoke`` runs every section on the CPU at toy sizes (what CI checks: the script works).
+ratios (``torch.utils.benchmark`` timers).  Every target is checked in code (``check_targets``) and
+written as pass/fail into ``gpu.json["targets"]``.  ``--smoke`` runs every section on the CPU at toy sizes (what CI checks: the script works).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +71,18 @@ def sync(device: torch.device) -> None:
 def interleaved(
     contenders: dict[str, Callable[[], None]], iters: int, blocks: int, warmup: int, device: torch.device
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in interleaved blocks."""
+    """Median seconds per call of each contender: ``torch.utils.benchmark`` timers (they synchronise
+    CUDA around each measurement) run in interleaved blocks, so drift hits every contender alike."""
+    import torch.utils.benchmark as benchmark
+
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}) for name, fn in contenders.items()}
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(blocks):
-        for name, fn in contenders.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / iters)
+        for name, timer in timers.items():
+            samples[name].append(timer.timeit(iters).median)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -162,7 +165,7 @@ def sync_free(device: torch.device, comm: Any) -> list[dict]:
                 torch.cuda.set_sync_debug_mode("error")
             try:
                 with mode:
-                    for _ in range(20):  # first call, lagged conditioning checks, running-stat updates
+                    for _ in range(20):  # first call, reused buffers, running-stat updates
                         y = layer(x.detach().requires_grad_(True))
                         y.backward(torch.ones_like(y))
             except RuntimeError as exc:
@@ -174,6 +177,90 @@ def sync_free(device: torch.device, comm: Any) -> list[dict]:
                 {"kernels": kernels, "layout": layout, "calls": 20, "sync_free": not error, "error": error}
             )
     return rows
+
+
+# -- CUDA graph capture -------------------------------------------------------------------------------
+def graph_capture(device: torch.device, comm: Any) -> list[dict]:
+    """One CGBN layer's forward + backward captured in CUDA graphs and replayed on new data, against the
+    eager layer (what ``tests/layers/test_cgbn_gpu.py`` asserts, with the replay's speed beside it)."""
+    import copy
+
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    rows = []
+    for kernels in ("portable", "fused"):
+        row: dict[str, Any] = {"kernels": kernels, "captured": False, "max_diff": None, "error": ""}
+        if device.type != "cuda":
+            row["error"] = "needs CUDA"
+            rows.append(row)
+            continue
+        try:
+            layer = CrossGPUBatchNorm2d(256, comm=comm, force_sync=True, kernels=kernels).to(device)
+            eager = copy.deepcopy(layer)
+            x = torch.randn(2, 256, 100, 152, device=device, requires_grad=True)
+            graphed = torch.cuda.make_graphed_callables(layer, (x,))
+            data = torch.randn_like(x) * 3 + 50
+            grad = torch.randn_like(x)
+            xg, xe = data.clone().requires_grad_(True), data.clone().requires_grad_(True)
+            yg, ye = graphed(xg), eager(xe)
+            yg.backward(grad)
+            ye.backward(grad)
+            row["max_diff"] = max(float((yg - ye).abs().max()), float((xg.grad - xe.grad).abs().max()))
+            row["captured"] = True
+
+            def call(fn: Callable[..., torch.Tensor], x: torch.Tensor = x, g: torch.Tensor = grad) -> None:
+                fn(x.detach().requires_grad_(True)).backward(g)
+
+            times = interleaved(
+                {"eager": partial(call, eager), "graph": partial(call, graphed)},
+                20,
+                3,
+                2,
+                device,
+            )
+            row.update(eager_ms=1e3 * times["eager"], graph_ms=1e3 * times["graph"])
+        except Exception as exc:  # noqa: BLE001 - the table records why capture failed
+            row["error"] = str(exc).splitlines()[0][:200]
+        rows.append(row)
+    return rows
+
+
+# -- targets ------------------------------------------------------------------------------------------
+def check_targets(result: dict[str, Any]) -> dict[str, bool | None]:
+    """Each target of issues 9, 10 and 16, checked on the measured rows (None: section not run)."""
+    targets: dict[str, bool | None] = {}
+    for dtype in sorted({r["dtype"] for r in result.get("bn", [])}):
+        best = min(
+            r["vs_bn"] for r in result["bn"] if r["dtype"] == dtype and r["contender"] != "nn.BatchNorm2d"
+        )
+        targets[f"CGBN layers <= 1.5x BN ({dtype})"] = best <= 1.5
+    if "sync_free" in result:
+        targets["CGBN never synchronises the host"] = all(r["sync_free"] for r in result["sync_free"])
+    if "graph" in result:
+        targets["CGBN captured in a CUDA graph, equal to eager"] = all(
+            r["captured"] and r["max_diff"] is not None and r["max_diff"] < 1e-4 for r in result["graph"]
+        )
+    two = {r["contender"]: r for r in result.get("two_ranks", [])}
+    if "CGBN" in two and two["CGBN"].get("vs_syncbn") is not None:
+        targets["2 ranks: CGBN no slower than torch.nn.SyncBatchNorm"] = two["CGBN"]["vs_syncbn"] <= 1.0
+    step = {r["contender"]: r for r in result.get("step", [])}
+    if step:
+        ours = step["Trainer.run_step"]["s_per_iter"]
+        targets["run_step >= 1.0x plain AMP loop"] = ours <= step["plain AMP loop, same model"]["s_per_iter"]
+        targets["run_step >= 1.0x torchvision loop"] = (
+            ours <= step["torchvision fasterrcnn_resnet50_fpn loop"]["s_per_iter"]
+        )
+        targets["step with CGBN forced <= 1.08x BN step"] = (
+            step["Trainer.run_step, CGBN forced"]["s_per_iter"]
+            <= 1.08 * step["Trainer.run_step, nn.BatchNorm2d"]["s_per_iter"]
+        )
+    for images in sorted({r["images_per_gpu"] for r in result.get("memory", [])}):
+        rows = [r for r in result["memory"] if r["images_per_gpu"] == images and r["checkpointing"] != "none"]
+        targets[f"checkpointing: memory halved for <= 1.3x time ({images} images)"] = any(
+            r["memory_saved"] is not None and r["memory_saved"] >= 0.5 and r["time_vs_none"] <= 1.3
+            for r in rows
+        )
+    return targets
 
 
 # -- 2 ranks on one GPU -----------------------------------------------------------------------------
@@ -452,7 +539,7 @@ def main() -> int:
     device = torch.device("cpu") if a.smoke else torch.device("cuda", 0)
     sizes = Sizes(a.smoke)
     comm = SingleProcessComm()
-    want = set(a.only) or {"bn", "sync_free", "two_ranks", "step", "memory"}
+    want = set(a.only) or {"bn", "sync_free", "graph", "two_ranks", "step", "memory"}
     has_coco = importlib.util.find_spec("pycocotools") is not None
     result: dict[str, Any] = {"smoke": a.smoke, "notes": []}
     started = time.perf_counter()
@@ -478,6 +565,22 @@ def main() -> int:
                     ("layout", "layout"),
                     ("calls", "calls"),
                     ("sync_free", "sync-free"),
+                    ("error", "error"),
+                ],
+            )
+        )
+    if "graph" in want:
+        result["graph"] = graph_capture(device, comm)
+        print("\nOne CGBN layer (2 x 256 x 100 x 152) captured in CUDA graphs, forward + backward")
+        print(
+            table(
+                result["graph"],
+                [
+                    ("kernels", "kernels"),
+                    ("captured", "captured"),
+                    ("max_diff", "max |graph - eager|"),
+                    ("eager_ms", "eager ms"),
+                    ("graph_ms", "graph ms"),
                     ("error", "error"),
                 ],
             )
@@ -548,6 +651,10 @@ def main() -> int:
                 ],
             )
         )
+    result["targets"] = check_targets(result)
+    print("\nTargets")
+    for name, ok in result["targets"].items():
+        print(f"  {'pass' if ok else 'FAIL'}  {name}")
     result["wall_s"] = time.perf_counter() - started
     folder = Path(tempfile.mkdtemp()) if a.smoke else REPO / "bench" / "results"
     path = write_result("gpu", result, folder)

@@ -10,8 +10,11 @@ values per channel, ``d = x - K`` with ``K = x[0, :, 0, 0]``: ``d`` is centred t
 spread, and the kernel's statistics of ``d`` are accurate in any accumulator (the shifted-data
 algorithm).  The layer then works in that frame throughout: it normalises ``d`` with the group mean
 expressed in it (``M - K``, formed in float64, small), and saves ``d`` (not ``x``, which is then freed)
-for backward.  No conditioning decision, no host round trip, one code path on every device.  fp16/bf16
-inputs skip the shift: their own rounding (1e-3) is far coarser than float32 statistics' error.
+for backward.  On CUDA every float32/float64 shard is shifted: no conditioning decision, no host round
+trip.  The CPU kernel accumulates in float64 and reading its moments is free there, so the CPU shifts
+only a shard far from the origin (where its fused ``x * a + b`` would cancel) and skips the extra pass
+otherwise.  fp16/bf16 inputs are never shifted: their own rounding (1e-3) is far coarser than float32
+statistics' error.
 
 Forward: **one** allreduce per layer of ``[n m, n (v + m^2), n]`` (2C+1 float64, ``m = K + mean(d)``);
 float64 because shards have different shifts, and ``E[x^2] - E[x]^2`` in float64 keeps ~1e-8 even at a
@@ -117,19 +120,39 @@ class _Workspace:
         self.ones = torch.ones(c, dtype=dtype, device=device)  # weight of a non-affine layer (CUDA)
 
 
-def _shard(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This shard shifted by its first pixel per channel (``d``, ``K``); half inputs and empty shards
-    are not shifted (K None)."""
+Moments = tuple[torch.Tensor, torch.Tensor]
+
+# CPU only: a shard whose |mean| exceeds this many standard deviations is shifted (see ``_shard``).
+_FAR_FROM_ORIGIN = 256.0
+
+
+def _shard(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Moments | None]:
+    """This shard shifted by its first pixel per channel: ``(d, K, moments of d or None)``.
+
+    On CUDA every float32/float64 shard is shifted (the kernel accumulates float32 in float32, and a
+    branch on the data would be a host sync).  The CPU kernel accumulates in float64, so its moments of
+    ``x`` are exact and reading them costs nothing: the CPU shifts only a shard far from the origin,
+    where its ``x * a + b`` normalisation would cancel, and saves the pass otherwise.  Half inputs and
+    empty shards are never shifted (K None).
+    """
     if x.dtype in _HALF or x.numel() == 0:
-        return x, None
+        return x, None, None
+    moments = None
+    if not x.is_cuda:
+        moments = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var = moments
+        if not bool((mean.abs() > _FAR_FROM_ORIGIN * torch.sqrt(var + 1e-5)).any()):
+            return x, None, moments
+        moments = None
     c, stride, offset = x.shape[1], x.stride(1), x.storage_offset()
     shift = x.as_strided((c,), (stride,), offset)
-    return x - x.as_strided((c, 1, 1), (stride, 0, 0), offset), shift
+    return x - x.as_strided((c, 1, 1), (stride, 0, 0), offset), shift, moments
 
 
 def _sync_statistics(
     d: torch.Tensor,
     shift: torch.Tensor | None,
+    moments: Moments | None,
     ws: _Workspace,
     comm: Comm,
     group: Group | None,
@@ -139,8 +162,10 @@ def _sync_statistics(
     c = d.shape[1]
     n = d.numel() // c if c else 0
     if n:
-        source = d if d.is_cuda or d.dtype not in _HALF else d.float()  # CPU kernels: no half input
-        mean_d, var_d = torch.batch_norm_update_stats(source, None, None, 0.0)
+        if moments is None:
+            source = d if d.is_cuda or d.dtype not in _HALF else d.float()  # CPU kernels: no half input
+            moments = torch.batch_norm_update_stats(source, None, None, 0.0)
+        mean_d, var_d = moments
         ws.local_mean.copy_(mean_d)
         if shift is not None:
             ws.local_mean.add_(shift)  # in float64: K + mean(d) would round at 1e4 in float32
@@ -198,8 +223,8 @@ def group_statistics(
     if two_pass:
         _two_pass_statistics(x, ws, comm, group, name)
     else:
-        d, shift = _shard(x)
-        _sync_statistics(d, shift, ws, comm, group, name)
+        d, shift, moments = _shard(x)
+        _sync_statistics(d, shift, moments, ws, comm, group, name)
     return GroupStats(ws.mean.clone(), ws.var.clone(), ws.count.clone())
 
 
@@ -243,17 +268,15 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         assert comm is not None
         ws = layer._workspace(x)
         replay = recompute.current_mode() == recompute.REPLAY
-        if layer.two_pass:
-            d, shift = x, None
-        else:
-            d, shift = _shard(x)
+        # Deterministic in x: a recomputation under checkpointing shifts exactly as its forward did.
+        d, shift, moments = (x, None, None) if layer.two_pass else _shard(x)
         if replay:  # recomputation under activation checkpointing: the forward's statistics, no collective
             frame = layer._replay.popleft()
         else:
             if layer.two_pass:
                 _two_pass_statistics(x, ws, comm, group, name)
             else:
-                _sync_statistics(d, shift, ws, comm, group, name)
+                _sync_statistics(d, shift, moments, ws, comm, group, name)
             frame, mean, unbiased = _frame(ws, eps)
             if layer.training and layer.track_running_stats and layer.running_mean is not None:
                 _update_running_stats(layer, mean, unbiased, ws.count, has_data=x.numel() > 0)

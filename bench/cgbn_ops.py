@@ -1,0 +1,104 @@
+"""How much host work one CGBN layer costs: top-level aten ops and CPU time of forward + backward.
+
+One layer (C=256, 2 x 256 x 50 x 84, the R50-FPN stage-2 shape at 800 px, statistics path forced in
+one process), next to ``nn.BatchNorm2d`` and the layer of an earlier revision (``--rev``, default the
+one before the rewrite).  Op counts come from ``torch.profiler`` (aten ops with no aten parent, the
+ones the Python side issues: on CUDA each is at least one launch); times from
+``torch.utils.benchmark`` (blocked_autorange, one thread), interleaved in one run, reported as ratios.
+``torch.nn.SyncBatchNorm``'s CUDA path cannot run on a CPU: its row counts the ops its source issues
+(``torch/nn/modules/_functions.py``), with the collectives.  Writes bench/results/cgbn_ops.json.
+Target (issue 16): at most twice nn.BatchNorm2d's count; checked in code, pass/fail in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.benchmark as benchmark
+from common import RESULTS, layer_module_at, table, write_result
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+# torch.nn.SyncBatchNorm (torch 2.14, _functions.py), per layer, CUDA: forward batch_norm_stats, full,
+# cat, empty, all_gather_into_tensor, reshape, split, ge + squeeze + 3 index (the empty-rank mask, a
+# host sync), view, batch_norm_gather_stats_with_counts, to, batch_norm_elemt; backward
+# batch_norm_backward_reduce, cat, all_reduce, split, batch_norm_backward_elemt.
+SYNCBN_CUDA_OPS = 21
+
+
+def count_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """Top-level aten ops of one forward + backward (the harness adds the same few ops to every row)."""
+    for _ in range(2):
+        layer(x.detach().requires_grad_(True)).backward(grad)
+    inp = x.detach().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(inp).backward(grad)
+    top = [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    ]
+    return len(top), dict(Counter(top).most_common())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rev", default="66240bd", help="earlier revision of the layer to compare with")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, short timing (CI)")
+    a = p.parse_args()
+    from megdet_hpc.distributed.single import SingleProcessComm
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    torch.set_num_threads(1)
+    shape = (2, 16, 8, 8) if a.smoke else (2, 256, 50, 84)
+    c = shape[1]
+    x, g = torch.randn(shape), torch.randn(shape)
+    comm = SingleProcessComm()
+    old = layer_module_at(a.rev)
+    contenders: dict[str, nn.Module] = {
+        "nn.BatchNorm2d": nn.BatchNorm2d(c),
+        f"CGBN at {a.rev}": old.CrossGPUBatchNorm2d(c, comm=comm, force_sync=True),
+        "CGBN now": CrossGPUBatchNorm2d(c, comm=comm, force_sync=True),
+    }
+    rows: list[dict[str, Any]] = []
+    for name, layer in contenders.items():
+        ops, names = count_ops(layer, x, g)
+        timer = benchmark.Timer(
+            "layer(x.detach().requires_grad_(True)).backward(g)",
+            globals={"layer": layer, "x": x, "g": g},
+            num_threads=1,
+        )
+        measured = timer.blocked_autorange(min_run_time=0.2 if a.smoke else 2.0)
+        rows.append({"layer": name, "ops": ops, "ms": 1e3 * measured.median, "by_op": names})
+    bn = rows[0]
+    for r in rows:
+        r["ops_over_bn"] = r["ops"] / bn["ops"]
+        r["time_over_bn"] = r["ms"] / bn["ms"]
+    rows.append({"layer": "torch.nn.SyncBatchNorm (CUDA, from source)", "ops": SYNCBN_CUDA_OPS})
+    now = rows[2]
+    targets = {"ops <= 2x nn.BatchNorm2d": now["ops"] <= 2 * bn["ops"]}
+    print(f"one layer, {shape}, forward + backward, statistics path forced, 1 thread")
+    columns = [
+        ("layer", "layer"),
+        ("ops", "aten ops"),
+        ("ops_over_bn", "/ BN"),
+        ("ms", "ms"),
+        ("time_over_bn", "time / BN"),
+    ]
+    print(table(rows, columns))
+    for k, v in targets.items():
+        print(f"target {k}: {'pass' if v else 'FAIL'}")
+    payload = {"shape": list(shape), "rows": rows, "targets": targets}
+    path = write_result("cgbn_ops", payload, Path(tempfile.mkdtemp()) if a.smoke else RESULTS)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
