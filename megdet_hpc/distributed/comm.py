@@ -257,18 +257,21 @@ def _importable(module: str) -> bool:
         return False
 
 
-def init(backend: str | None = None) -> Comm:
-    """Initialise (once) and return the process-wide ``Comm``."""
+def init(backend: str | None = None, device: str | None = None) -> Comm:
+    """Initialise (once) and return the process-wide ``Comm``.
+
+    ``device``: the training device type (``cpu``/``cuda``; None: CUDA when visible).  torch.distributed
+    picks its backend from it -- a CPU run on a GPU node must not get NCCL."""
     global _COMM
     if _COMM is not None:
         return _COMM
     env = detect()
     name = resolve_backend(backend or os.environ.get("MEGDET_COMM", "auto"), env)
-    _COMM = make_comm(name, env)
+    _COMM = make_comm(name, env, device)
     return _COMM
 
 
-def make_comm(name: str, env: ClusterEnvironment) -> Comm:
+def make_comm(name: str, env: ClusterEnvironment, device: str | None = None) -> Comm:
     """Construct a backend by name (no global state): also used for the CGBN statistics comm."""
     if name == "none":
         from megdet_hpc.distributed.single import SingleProcessComm
@@ -281,7 +284,7 @@ def make_comm(name: str, env: ClusterEnvironment) -> Comm:
     if name == "torch":
         from megdet_hpc.distributed.torch_comm import TorchComm
 
-        return TorchComm(env)
+        return TorchComm(env, device)
     if name == "mpi":
         from megdet_hpc.distributed.mpi_comm import MPIComm
 
