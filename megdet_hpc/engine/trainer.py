@@ -355,8 +355,8 @@ class Trainer(TrainerBase):
                 self.scaler.update()  # type: ignore[union-attr]
             self.sync.discard()
             self._buffers.restore()
-        else:
-            self.sync.step(self.scaler)
+        elif not self.sync.step(self.scaler):  # AMP overflow: GradScaler skipped the update
+            self._buffers.restore()
         p.position = position
         p.iteration += 1
         p.images_seen += self.batch.total
