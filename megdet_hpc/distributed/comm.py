@@ -323,7 +323,9 @@ def stats_comm() -> Comm:
             raise CommError(
                 "MEGDET_CGBN_COMM=mpi needs an MPI launch (mpirun, horovodrun --mpi, srun --mpi=pmix)"
             )
-        _STATS_COMM = make_comm("mpi", main.env)
+        from megdet_hpc.distributed.mpi_comm import MPIComm
+
+        _STATS_COMM = MPIComm(main.env, other_mpi_threads=main.name == "horovod")
         if _STATS_COMM.size != main.size or _STATS_COMM.rank != main.rank:
             raise CommError(
                 f"MEGDET_CGBN_COMM=mpi: the MPI world (rank {_STATS_COMM.rank}/{_STATS_COMM.size}) "
