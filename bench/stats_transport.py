@@ -165,11 +165,14 @@ def main() -> None:
     text = table(runs, cols)
     print(text)
     write_result("stats_transport", {"payload_floats": PAYLOAD, "number": NUMBER, "ranks": 2, "rows": runs})
+    loads = ", ".join(sorted({f"{r['load_average_1min']:.0f}" for r in runs}))
     md = [
         "# CGBN statistics allreduce: host cost per call (CPU, 2 ranks, 2C+1 = 513 float32)",
         "",
         f"`python bench/stats_transport.py` (torch.utils.benchmark, {NUMBER} calls per contender, interleaved in one job per launch).",
         "x default = ratio to `hvd.allreduce_` with a stable name (the current default) in the same job.",
+        f"1-min load average during the launches: {loads}"
+        " (2 cores): absolute times are mostly scheduling; the ordering is what carries over.",
         "",
         "| launch | contender | kind | us/call | x default |",
         "|---|---|---|---|---|",
