@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         from megdet_hpc.checkpoint import Checkpointer, CheckpointError
         from megdet_hpc.config import load_config
         from megdet_hpc.data.loader import build_val_dataset
-        from megdet_hpc.engine.trainer import select_device
+        from megdet_hpc.engine.trainer import device_type, select_device
         from megdet_hpc.evaluation import evaluate
         from megdet_hpc.modeling import build_model
         from megdet_hpc.utils.logger import setup_logging
 
         cfg = load_config(a.config, a.opts)
         dataset = build_val_dataset(cfg)
-        comm = distributed.init()
+        comm = distributed.init(device=device_type(cfg))
         setup_logging(comm.rank)
         try:
             path = Checkpointer(Path(cfg.train.output_dir), comm, background=False).find_valid(a.checkpoint)

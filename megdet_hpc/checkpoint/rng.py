@@ -2,6 +2,12 @@
 
 Plain data (ints, bytes, lists) because the states travel through ``Comm.allgather_object`` (pickled
 by Horovod/mpi4py/torch) and into checkpoints read with ``weights_only=True``.
+
+CUDA: only *this rank's* device generator (``torch.cuda.current_device()``, the one the trainer set)
+is saved, under ``cuda_device``.  Every rank draws on its own device only, and a resume may see fewer
+GPUs (a smaller node, ``CUDA_VISIBLE_DEVICES`` narrowed to one per task by Slurm): restoring a list of
+every visible device's state then indexed devices that do not exist.  Old checkpoints (``cuda``: one
+state per device then visible) restore the entry of the current device when it exists, else none.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ def capture() -> dict[str, Any]:
         "torch": _tensor_bytes(torch.get_rng_state()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_tensor_bytes(s) for s in torch.cuda.get_rng_state_all()]
+        state["cuda_device"] = _tensor_bytes(torch.cuda.get_rng_state(torch.cuda.current_device()))
     return state
 
 
@@ -38,8 +44,14 @@ def restore(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, cached))
     torch.set_rng_state(_bytes_tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_bytes_tensor(b) for b in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    own = state.get("cuda_device")
+    if own is None and device < len(state.get("cuda", ())):  # a checkpoint from before cuda_device
+        own = state["cuda"][device]
+    if own is not None:
+        torch.cuda.set_rng_state(_bytes_tensor(own), device)
 
 
 def _to_tuple(x: Any) -> Any:

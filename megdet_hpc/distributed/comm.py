@@ -257,18 +257,22 @@ def _importable(module: str) -> bool:
         return False
 
 
-def init(backend: str | None = None) -> Comm:
-    """Initialise (once) and return the process-wide ``Comm``."""
+def init(backend: str | None = None, device: str | None = None) -> Comm:
+    """Initialise (once) and return the process-wide ``Comm``.
+
+    ``device``: the training device type (``cpu``/``cuda``; None: CUDA when visible).  torch.distributed
+    picks its backend from it -- a CPU run on a GPU node must not get NCCL."""
     global _COMM
     if _COMM is not None:
         return _COMM
     env = detect()
     name = resolve_backend(backend or os.environ.get("MEGDET_COMM", "auto"), env)
-    _COMM = make_comm(name, env)
+    stats_mode()  # a bad MEGDET_CGBN_COMM fails here, not at the first BN layer's forward
+    _COMM = make_comm(name, env, device)
     return _COMM
 
 
-def make_comm(name: str, env: ClusterEnvironment) -> Comm:
+def make_comm(name: str, env: ClusterEnvironment, device: str | None = None) -> Comm:
     """Construct a backend by name (no global state): also used for the CGBN statistics comm."""
     if name == "none":
         from megdet_hpc.distributed.single import SingleProcessComm
@@ -281,7 +285,7 @@ def make_comm(name: str, env: ClusterEnvironment) -> Comm:
     if name == "torch":
         from megdet_hpc.distributed.torch_comm import TorchComm
 
-        return TorchComm(env)
+        return TorchComm(env, device)
     if name == "mpi":
         from megdet_hpc.distributed.mpi_comm import MPIComm
 
@@ -294,40 +298,61 @@ def get() -> Comm:
     return _COMM if _COMM is not None else init()
 
 
-STATS_MODES = ("main", "mpi")
+STATS_MODES = ("main", "mpi", "nccl", "torch-gloo")
+
+
+def stats_mode() -> str:
+    """``MEGDET_CGBN_COMM`` validated (one-line error for anything else)."""
+    mode = os.environ.get("MEGDET_CGBN_COMM", "main") or "main"
+    if mode not in STATS_MODES:
+        raise CommError(f"MEGDET_CGBN_COMM={mode!r} is not one of {', '.join(STATS_MODES)}")
+    return mode
 
 
 def stats_comm() -> Comm:
-    """The transport for CGBN statistics (``MEGDET_CGBN_COMM=main|mpi``, default ``main``).
+    """The transport for CGBN statistics (``MEGDET_CGBN_COMM``, default ``main``); gradients always stay
+    on the training comm.  The README's table "CGBN statistics transport" says which to pick.
 
-    ``main`` is the training comm: Horovod under horovodrun (MegDet's design), torch.distributed under
-    torchrun, mpi4py under mpirun with ``MEGDET_COMM=mpi``.  ``mpi`` routes the statistics through
-    mpi4py over the same MPI world while gradients stay on the training comm.  ``bench/cgbn.py`` chose
-    the default (``bench/results/cgbn.json``): an isolated 2C+1 allreduce is far cheaper through
-    mpi4py than through Horovod, but inside the BN loop of a Horovod-MPI job the mpi4py route was
-    slower (OpenMPI's THREAD_MULTIPLE lock contends with Horovod's background thread).
+    * ``main`` -- the training comm: Horovod under horovodrun (MegDet's design), torch.distributed
+      under torchrun, mpi4py under mpirun with ``MEGDET_COMM=mpi``.
+    * ``mpi`` -- mpi4py over the same MPI world.  ``bench/cgbn.py`` chose ``main`` as the default
+      (``bench/results/cgbn.json``): an isolated 2C+1 allreduce is far cheaper through mpi4py than
+      through Horovod, but inside the BN loop of a Horovod-MPI job the mpi4py route was slower
+      (OpenMPI's THREAD_MULTIPLE lock contends with Horovod's background thread).
+    * ``nccl`` -- a torch.distributed NCCL group of its own (``stats_group.py``), under any launcher:
+      collectives queued on the device stream, no host wait per layer.  CUDA only.
+    * ``torch-gloo`` -- the same group with gloo: NCCL's stand-in on CPU (tests, CI).
     """
 
     global _STATS_COMM
     if _STATS_COMM is not None:
         return _STATS_COMM
-    mode = os.environ.get("MEGDET_CGBN_COMM", "main")
-    if mode not in STATS_MODES:
-        raise CommError(f"MEGDET_CGBN_COMM={mode!r} is not one of {', '.join(STATS_MODES)}")
+    mode = stats_mode()
     main = get()
-    if mode == "mpi" and main.size > 1 and main.name != "mpi":
+    if main.size == 1 or mode == "main":
+        _STATS_COMM = main
+    elif mode == "mpi":
+        if main.name == "mpi":
+            _STATS_COMM = main
+            return _STATS_COMM
         if not (main.env.is_mpi and _importable("mpi4py")):
             raise CommError(
                 "MEGDET_CGBN_COMM=mpi needs an MPI launch (mpirun, horovodrun --mpi, srun --mpi=pmix)"
             )
-        _STATS_COMM = make_comm("mpi", main.env)
+        from megdet_hpc.distributed.mpi_comm import MPIComm
+
+        _STATS_COMM = MPIComm(main.env, other_mpi_threads=main.name == "horovod")
         if _STATS_COMM.size != main.size or _STATS_COMM.rank != main.rank:
             raise CommError(
                 f"MEGDET_CGBN_COMM=mpi: the MPI world (rank {_STATS_COMM.rank}/{_STATS_COMM.size}) "
                 f"does not match the training comm ({main.rank}/{main.size}); launch with mpirun/srun"
             )
     else:
-        _STATS_COMM = main
+        if mode == "nccl" and not torch.cuda.is_available():
+            raise CommError("MEGDET_CGBN_COMM=nccl needs CUDA (on CPU, torch-gloo stands in for it)")
+        from megdet_hpc.distributed.stats_group import TorchStatsComm
+
+        _STATS_COMM = TorchStatsComm(main, "nccl" if mode == "nccl" else "gloo")
     return _STATS_COMM
 
 

@@ -27,6 +27,24 @@ from torch import nn
 from megdet_hpc.distributed.comm import Comm, CommError
 
 
+def scaler_will_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.step(optimizer)`` is about to skip the update (non-finite unscaled gradients).
+
+    Unscales first when nobody has (``scaler.step`` would), then reads the same per-device flags
+    ``scaler.step`` reads with ``.item()``: at the same point of the queue, so its own read is then
+    free -- no host synchronisation beyond the one GradScaler makes anyway.  GradScaler keeps the
+    decision private, hence ``_per_optimizer_states`` (torch 2.x).
+    """
+    from torch.amp.grad_scaler import OptState
+
+    if not scaler.is_enabled():
+        return False
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return bool(sum(v.item() for v in found.values()))
+
+
 class GradientSync:
     """One coalesced allreduce through ``Comm`` after backward (mpi, none, and the fallback for any backend).
 
@@ -69,15 +87,20 @@ class GradientSync:
             torch._foreach_div_(grads, float(self.comm.size))
         self._synced = True
 
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+        """The optimizer step; False when a GradScaler found inf/NaN gradients and skipped it (the
+        caller then undoes what the forward changed: BN running statistics)."""
         self.synchronize()
+        applied = True
         with self._no_resync():
             if scaler is not None:
+                applied = not scaler_will_skip(scaler, self.optimizer)
                 scaler.step(self.optimizer)
                 scaler.update()
             else:
                 self.optimizer.step()
         self._synced = False
+        return applied
 
     def _no_resync(self) -> contextlib.AbstractContextManager[None]:
         """Context in which ``optimizer.step`` must not reduce the gradients again."""

@@ -21,7 +21,16 @@ class HorovodComm(Comm):
     def __init__(self, env: ClusterEnvironment) -> None:
         super().__init__(env)
         os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            # Horovod 0.28's GPU completion mode: without it the finalizer thread waits on the host for
+            # the NCCL kernels before marking an op done, so every hvd.allreduce_ (=synchronize) of a
+            # CGBN layer blocks until the GPU has reached that layer and finished NCCL.  With it, the
+            # torch stream waits on Horovod's event instead (horovod/common/ops/gpu_operations.cc,
+            # FinalizeGPUQueue; horovod/torch/mpi_ops_v2.cc, DoAllreduce): the host then waits only for
+            # Horovod's negotiation cycle (HOROVOD_CYCLE_TIME) and the launch.  Data readiness is
+            # already device-side (NCCLAllreduce::WaitForData: gpuStreamWaitEvent).
+            os.environ.setdefault("HOROVOD_ENABLE_ASYNC_COMPLETION", "1")
+        else:
             # Read by MPI_Init inside hvd.init().  On a CPU node the ranks' compute threads own every
             # core and Horovod's background thread busy-polls inside MPI while it waits for the other
             # ranks: polling threads then wait for scheduler time slices.  Measured (2 ranks, 2 cores):

@@ -6,6 +6,17 @@ per BN layer per step, so this is the latency-optimal transport for its statisti
 tensors are reduced in place through ``Tensor.numpy()`` (shared memory, no copy); CUDA tensors and
 dtypes numpy lacks (bfloat16) go through a host copy.  The communicator is a ``Dup`` of COMM_WORLD so
 it never interleaves with messages of another library (Horovod's MPI controller) in the same world.
+
+Threads.  On CUDA, autograd runs a backward pass on its per-device worker thread, so the CGBN
+backward's allreduce is an MPI call from a thread that did not initialise MPI; on CPU it runs on the
+calling thread.  What MPI must provide (``MPI.Query_thread()``; mpi4py requests ``MPI4PY_RC_THREAD_LEVEL``,
+default ``multiple``; Horovod-MPI requests MULTIPLE unless ``HOROVOD_MPI_THREADS_DISABLE=1``):
+  * CPU, mpi4py the only MPI user: FUNNELED (every call on the main thread);
+  * CUDA, mpi4py the only MPI user (``MEGDET_COMM=mpi``): SERIALIZED -- the main thread is blocked in
+    ``backward()`` while the device thread calls MPI, and nothing else calls MPI meanwhile;
+  * alongside Horovod's MPI background thread (``MEGDET_CGBN_COMM=mpi`` under horovodrun --mpi):
+    MULTIPLE, on any device -- Horovod calls MPI concurrently from its own thread.
+``MPIComm`` checks this at start-up and refuses a level below it with a one-line error.
 """
 
 from __future__ import annotations
@@ -14,18 +25,36 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.distributed.comm import Comm, Group, flat_view
+from megdet_hpc.distributed.comm import Comm, CommError, Group, flat_view
 from megdet_hpc.launch.environment import ClusterEnvironment
+
+THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")  # MPI.THREAD_SINGLE == 0 .. 3
+
+
+def required_thread_level(cuda: bool, other_mpi_threads: bool) -> int:
+    """The MPI thread level mpi4py needs here (module docstring): index into ``THREAD_LEVELS``."""
+    if other_mpi_threads:
+        return 3
+    return 2 if cuda else 1
 
 
 class MPIComm(Comm):
     name = "mpi"
 
-    def __init__(self, env: ClusterEnvironment) -> None:
+    def __init__(self, env: ClusterEnvironment, other_mpi_threads: bool = False) -> None:
+        """``other_mpi_threads``: another library's thread calls MPI in this process (Horovod-MPI)."""
         super().__init__(env)
         from mpi4py import MPI
 
         self.MPI = MPI
+        self.thread_level = THREAD_LEVELS[MPI.Query_thread()]
+        need = required_thread_level(torch.cuda.is_available(), other_mpi_threads)
+        if THREAD_LEVELS.index(self.thread_level) < need:
+            raise CommError(
+                f"MPI provides thread level {self.thread_level}, mpi4py here needs {THREAD_LEVELS[need]} "
+                "(CUDA backward calls MPI from autograd's device thread; Horovod's thread calls it too): "
+                "unset MPI4PY_RC_THREAD_LEVEL / HOROVOD_MPI_THREADS_DISABLE"
+            )
         self.comm = MPI.COMM_WORLD.Dup()
 
     @property

@@ -1,7 +1,11 @@
-"""The ``torch`` backend: torch.distributed (gloo on CPU, nccl when CUDA is used).
+"""The ``torch`` backend: torch.distributed (gloo on CPU, gloo + nccl when training on CUDA).
 
 Rendezvous comes from the launcher: torchrun's env, or Slurm/OpenMPI variables translated to
 MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).
+
+The backend follows the *training device*, not the machine: ``train.device=cpu`` on a node with GPUs
+gets gloo (NCCL cannot carry CPU tensors), and a CUDA run gets ``cpu:gloo,cuda:nccl`` so the few CPU
+tensors some callers reduce (calibration, objects) still have a transport.
 """
 
 from __future__ import annotations
@@ -18,10 +22,22 @@ from megdet_hpc.launch.environment import ClusterEnvironment, job_port
 from megdet_hpc.launch.slurm import master_addr
 
 
+def torch_backend(device_type: str | None, override: str | None = None) -> str:
+    """The process-group backend for training on ``device_type`` (``cpu``/``cuda``; None: CUDA when
+    visible).  ``MEGDET_TORCH_BACKEND`` (or ``override``) wins, e.g. gloo for CUDA tensors of two
+    ranks sharing one GPU."""
+    override = override if override is not None else os.environ.get("MEGDET_TORCH_BACKEND")
+    if override:
+        return override
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 class TorchComm(Comm):
     name = "torch"
 
-    def __init__(self, env: ClusterEnvironment) -> None:
+    def __init__(self, env: ClusterEnvironment, device_type: str | None = None) -> None:
         super().__init__(env)
         self._owns = False
         if not dist.is_initialized():
@@ -30,9 +46,7 @@ class TorchComm(Comm):
                 addr = master_addr(environ) if env.name.startswith("srun") else "127.0.0.1"
                 os.environ["MASTER_ADDR"] = addr
             os.environ.setdefault("MASTER_PORT", str(job_port(environ)))
-            backend = os.environ.get("MEGDET_TORCH_BACKEND") or (
-                "nccl" if torch.cuda.is_available() else "gloo"
-            )
+            backend = torch_backend(device_type)
             timeout = timedelta(seconds=float(os.environ.get("MEGDET_COMM_TIMEOUT_S", "600")))
             dist.init_process_group(
                 backend, rank=env.rank, world_size=env.size, timeout=timeout, init_method="env://"
@@ -45,7 +59,7 @@ class TorchComm(Comm):
 
     @property
     def device(self) -> torch.device:
-        if dist.get_backend() == "nccl":
+        if "nccl" in str(dist.get_backend()):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

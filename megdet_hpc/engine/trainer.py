@@ -62,9 +62,14 @@ class Progress:
     sampler_state: dict[str, Any] | None = None  # as resumed, until the first step of this run
 
 
-def select_device(cfg: Config, local_rank: int) -> torch.device:
+def device_type(cfg: Config) -> str:
+    """``cuda`` or ``cpu``: what ``train.device`` resolves to here (the comm's backend follows it)."""
     want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def select_device(cfg: Config, local_rank: int) -> torch.device:
+    if device_type(cfg) == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is available")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -107,7 +112,7 @@ class BufferSnapshot:
 class Trainer(TrainerBase):
     def __init__(self, cfg: Config, comm: Comm | None = None) -> None:
         super().__init__()
-        self.comm = comm or distributed.init()
+        self.comm = comm or distributed.init(device=device_type(cfg))
         self.cfg = cfg
         self.device = select_device(cfg, self.comm.local_rank)
         configure_backends(cfg, self.device)
@@ -350,8 +355,8 @@ class Trainer(TrainerBase):
                 self.scaler.update()  # type: ignore[union-attr]
             self.sync.discard()
             self._buffers.restore()
-        else:
-            self.sync.step(self.scaler)
+        elif not self.sync.step(self.scaler):  # AMP overflow: GradScaler skipped the update
+            self._buffers.restore()
         p.position = position
         p.iteration += 1
         p.images_seen += self.batch.total

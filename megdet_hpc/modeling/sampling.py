@@ -10,6 +10,14 @@ The draw is a counter-based hash of (key, candidate index) computed where the ca
 subset of k candidates is the k with the smallest hash.  No generator objects, no host-side
 permutation of ~10^5 anchors per image and no host-to-device copy of it (what a CPU ``torch.Generator``
 would cost on a GPU), and the same subset on CPU and CUDA.
+
+No host synchronisation either: the count of positives is data (known only on the device), so the
+selection never builds an index list of data-dependent length (``torch.where``/``nonzero`` copy that
+length to the host, twice per image per sampler).  Every anchor gets a key -- (hash, index) for a
+candidate, a sentinel above all of them for the rest -- and a ``topk`` of the fixed size
+``batch * fraction`` (positives) or ``batch`` (negatives) picks the smallest; entries holding the
+sentinel, and negatives past ``batch - #positives``, are masked off on the device.  Same subsets as
+picking the k smallest hashes among the candidates (ties, now broken by index, aside).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 _MASK31 = (1 << 31) - 1
+_NOT_A_CANDIDATE = 1 << 62  # above every (hash << 31 | index) key
 
 
 def hash31(index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -43,6 +52,38 @@ def keyed_subset(candidates: torch.Tensor, count: int, seed: int) -> torch.Tenso
     return candidates[torch.topk(scores, count, largest=False, sorted=False).indices]
 
 
+def _keys(candidate: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Distinct int64 sort keys: the candidate's hash, ties broken by index; non-candidates last."""
+    key = (hash31(index, seed) << 31) | index
+    return torch.where(candidate, key, torch.full_like(key, _NOT_A_CANDIDATE))
+
+
+def _smallest(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, is-a-candidate) of the ``k`` smallest keys, in increasing key order."""
+    values, indices = torch.topk(keys, min(k, keys.numel()), largest=False, sorted=True)
+    return indices, values < _NOT_A_CANDIDATE
+
+
+def balanced_masks(
+    matched: torch.Tensor, batch_size: int, positive_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (positive, negative) masks over ``matched`` (>= 1 fg, 0 bg, < 0 ignored): up to
+    ``batch_size * positive_fraction`` positives and negatives filling the batch, drawn by ``seed``;
+    no host synchronisation."""
+    index = torch.arange(matched.numel(), device=matched.device)
+    pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+    neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+    if matched.numel() == 0:
+        return pos_mask, neg_mask
+    pos_at, pos_ok = _smallest(_keys(matched >= 1, index, seed), int(batch_size * positive_fraction))
+    neg_at, neg_ok = _smallest(_keys(matched == 0, index, seed ^ 0x5BD1E995), batch_size)
+    room = batch_size - pos_ok.sum()  # a device scalar: the batch left for negatives
+    neg_ok = neg_ok & (torch.arange(neg_at.numel(), device=matched.device) < room)
+    pos_mask.scatter_(0, pos_at, pos_ok.to(torch.uint8))
+    neg_mask.scatter_(0, neg_at, neg_ok.to(torch.uint8))
+    return pos_mask, neg_mask
+
+
 class PerImageSeededSampler(BalancedPositiveNegativeSampler):
     """Drop-in for BalancedPositiveNegativeSampler; set ``keys`` (one int per image) before forward."""
 
@@ -57,14 +98,9 @@ class PerImageSeededSampler(BalancedPositiveNegativeSampler):
         pos_idx, neg_idx = [], []
         for key, matched in zip(self.keys, matched_idxs):
             seed = (key * 1_000_003 + self.salt) % _MASK31
-            positive = torch.where(matched >= 1)[0]
-            negative = torch.where(matched == 0)[0]
-            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
-            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
-            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
-            pos_mask[keyed_subset(positive, num_pos, seed)] = 1
-            neg_mask[keyed_subset(negative, num_neg, seed ^ 0x5BD1E995)] = 1
+            pos_mask, neg_mask = balanced_masks(
+                matched, self.batch_size_per_image, self.positive_fraction, seed
+            )
             pos_idx.append(pos_mask)
             neg_idx.append(neg_mask)
         return pos_idx, neg_idx
