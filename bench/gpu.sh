@@ -4,7 +4,8 @@
 # PyYAML; the checkout is used in place (PYTHONPATH).  Parts that need pycocotools (the loader) and
 # the tests (pytest) use them when importable, else install them from a local wheel folder:
 #   WHEELS=.whl bash bench/gpu.sh        # wheels made here by: bash scripts/gpu_wheels.sh
-# Budget: under 8 minutes on one H100 (GPU tests ~2 min, benchmarks ~4 min).
+# Budget: under 6 minutes on one H100/H200 (GPU tests ~2 min, benchmarks ~4 min); every target is
+# checked by bench/gpu.py and written as pass/fail into gpu.json["targets"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
