@@ -12,6 +12,9 @@ Backends (``MEGDET_COMM=auto|horovod|torch|mpi|none``):
   * ``torch``   -- torch.distributed (gloo on CPU, nccl on GPU); groups are ``new_group``.
   * ``mpi``     -- mpi4py on numpy views of CPU tensors (no copy); groups are ``Comm.Split``.
   * ``none``    -- a single process; every collective is the identity.
+
+CGBN statistics may ride a different transport than the gradients (``MEGDET_CGBN_COMM``, see
+``stats_comm``): the training comm, mpi4py, or a torch.distributed NCCL (gloo on CPU) group of their own.
 """
 
 from __future__ import annotations
