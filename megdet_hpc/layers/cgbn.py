@@ -44,13 +44,13 @@ activation checkpointing the recomputation reuses the forward's statistics (``la
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from megdet_hpc.distributed import Comm, Group, stats_comm
 from megdet_hpc.layers import recompute
@@ -271,7 +271,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         # Deterministic in x: a recomputation under checkpointing shifts exactly as its forward did.
         d, shift, moments = (x, None, None) if layer.two_pass else _shard(x)
         if replay:  # recomputation under activation checkpointing: the forward's statistics, no collective
-            frame = layer._replay.popleft()
+            frame = recompute.load(layer)
         else:
             if layer.two_pass:
                 _two_pass_statistics(x, ws, comm, group, name)
@@ -281,7 +281,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
             if layer.training and layer.track_running_stats and layer.running_mean is not None:
                 _update_running_stats(layer, mean, unbiased, ws.count, has_data=x.numel() > 0)
             if recompute.current_mode() == recompute.RECORD:
-                layer._replay.append(frame)
+                recompute.save(layer, frame)
         w, b = _param(weight), _param(bias)
         if d.numel() == 0:
             out = torch.empty_like(x)
@@ -298,6 +298,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # like SyncBatchNorm: create_graph works, a second-order backward says so
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         d, w, mean, var, invstd, total = ctx.saved_tensors
         layer: CrossGPUBatchNorm2d = ctx.layer
@@ -310,12 +311,13 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
             _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 dy, d, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
             )
-            torch.cat([grad_b, grad_w], out=ws.grad)
-        else:
-            ws.grad.zero_()
-        layer._comm.allreduce_(ws.grad, layer._group, layer._name and f"{layer._name}.bwd")
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # the group sums only feed the input gradient (same on every rank)
+            if d.numel():
+                torch.cat([grad_b, grad_w], out=ws.grad)
+            else:
+                ws.grad.zero_()
+            layer._comm.allreduce_(ws.grad, layer._group, layer._name and f"{layer._name}.bwd")
             grad_x = _grad_input(dy, d, w, mean, var, invstd, total, ws, layer.kernels, ctx.eps)
         w_dtype, b_dtype = ctx.param_dtypes
         if w_dtype is None or not ctx.needs_input_grad[1]:
@@ -421,7 +423,6 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
         self._group: Group | None = None
         self._group_ready = False
         self._name: str | None = None  # stable collective name, the same on every rank
-        self._replay: deque[_Frame] = deque(maxlen=64)  # statistics of checkpointed forwards
         self._ws: _Workspace | None = None
 
     def extra_repr(self) -> str:
@@ -430,9 +431,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     def __getstate__(self) -> dict[str, Any]:
         # Comms, process groups, buffers in flight and queued statistics are per-process: never pickled.
         state = self.__dict__.copy()
-        state.update(
-            _comm=None, _group=None, _group_ready=False, _name=None, _replay=deque(maxlen=64), _ws=None
-        )
+        state.update(_comm=None, _group=None, _group_ready=False, _name=None, _ws=None)
         return state
 
     def _resolve_comm(self) -> Comm:
