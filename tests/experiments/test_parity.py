@@ -57,3 +57,26 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
     assert parity.main(argv) == 0
     assert "resumed from" in (reference / "stdout.log").read_text()
     assert json.loads((results / "parity.json").read_text())["runs"][1]["AP"] == runs["torchvision"]["AP"]
+
+
+def test_reference_model_is_the_megdet_architecture_with_stock_samplers() -> None:
+    """The two systems differ in the training machinery, not the network: same parameters and buffers
+    (names and shapes) and, for the same seed, the same initial weights; torchvision's own samplers."""
+    import torch
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+    from megdet_hpc.checkpoint import rng
+    from megdet_hpc.config import load_config
+    from megdet_hpc.config.load import bundled_configs
+    from megdet_hpc.modeling import build_model
+
+    cfg = load_config(bundled_configs() / "demo_cpu.yaml", [])
+    rng.seed_all(3)
+    ours = build_model(cfg).state_dict()
+    torch.manual_seed(3)
+    reference = parity.build_reference_model(cfg)
+    theirs = reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert type(reference.rpn.fg_bg_sampler) is BalancedPositiveNegativeSampler
+    assert type(reference.roi_heads.fg_bg_sampler) is BalancedPositiveNegativeSampler
