@@ -465,8 +465,10 @@ def run_table(
     config: Path,
     base_lr: float,
     only: tuple[str, ...] = (),
+    report_only: bool = False,
 ) -> int:
-    """Train (or resume, or skip) the runs, then write the table, JSON and plots to ``results``."""
+    """Train (or resume, or skip) the runs, then write the table, JSON and plots to ``results``
+    (``report_only``: only write them, from the run folders and the recorded runs as they are)."""
     from megdet_hpc.utils.provenance import environment
 
     unknown = set(only) - {r.name for r in runs}
@@ -478,7 +480,7 @@ def run_table(
         o = kept.get(run.name)
         return o if o is not None and o.run == asdict(run) else None
 
-    for run in runs:
+    for run in () if report_only else runs:
         if only and run.name not in only:
             continue
         state_file = out / slug(run.name) / "experiment.json"
@@ -509,7 +511,7 @@ def run_table(
     written = plots(outcomes, results)
     print(table)
     print("wrote", results / "megdet_table.md", *written, flush=True)
-    return 0 if all(o.status in ("done", "diverged") for o in outcomes) else 1
+    return 0 if report_only or all(o.status in ("done", "diverged") for o in outcomes) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="table and plots")
     p.add_argument("--only", nargs="*", default=[], help="run names to (re)run; default: all not yet run")
     p.add_argument("--data", type=Path, default=Path("datasets/synthetic"))
+    p.add_argument("--report-only", action="store_true", help="write the table and plots, train nothing")
     a = p.parse(argv)
 
     def _run() -> int:
@@ -529,9 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if a.images < 16 * 10:
             raise UserError("--images must be >= 160 (10 steps of the largest batch)")
-        data = generate(a.data.resolve(), 400, 100, 128, 0)
+        data = a.data.resolve() if a.report_only else generate(a.data.resolve(), 400, 100, 128, 0)
         config = REPO / "configs" / "demo_cpu.yaml"
-        return run_table(RUNS, a.images, a.out.resolve(), a.results, data, config, a.base_lr, tuple(a.only))
+        return run_table(
+            RUNS, a.images, a.out.resolve(), a.results, data, config, a.base_lr, tuple(a.only), a.report_only
+        )
 
     return run_cli(_run, "megdet_hpc.experiments.megdet_table")
 

@@ -364,12 +364,17 @@ def verdict(stats: dict[str, dict[str, Any]]) -> str:
         return "no verdict: a system has no finished run"
     if a["std"] is None or b["std"] is None:
         return "no verdict: fewer than 2 finished seeds for a system (no spread to compare with)"
-    diff = a["mean"] - b["mean"]
-    tolerance = max(a["std"], b["std"])
+    word, diff, tolerance = compare(a["mean"], a["std"], b["mean"], b["std"])
     text = f"megdet_hpc - torchvision = {diff:+.4f} AP; seed spread (larger std) {tolerance:.4f}: "
-    if abs(diff) <= tolerance:
+    if word == "parity":
         return text + "**parity** (the means are within the seed spread)"
-    return text + ("**megdet_hpc is better**" if diff > 0 else "**megdet_hpc is worse**")
+    return text + f"**megdet_hpc is {word}**"
+
+
+def compare(mean_a: float, std_a: float, mean_b: float, std_b: float) -> tuple[str, float, float]:
+    """parity when the means differ by no more than the larger seed standard deviation."""
+    diff, tolerance = mean_a - mean_b, max(std_a, std_b)
+    return ("parity" if abs(diff) <= tolerance else "better" if diff > 0 else "worse"), diff, tolerance
 
 
 def _pm(stat: dict[str, float | None], digits: int = 3) -> str:
@@ -400,23 +405,28 @@ def markdown(outcomes: list[Outcome], plan: Plan) -> str:
         "",
         f"Verdict: {verdict(stats)}.",
         "",
-        "AP after each epoch (mean +- std over the finished seeds):",
+        "AP after each epoch (mean +- std over the seeds evaluated there, unfinished runs included; "
+        "n = number of seeds):",
         "",
     ]
-    points = sorted({e["images_seen"] for o in outcomes if o.status == "done" for e in o.evals})
-    lines.append("| images seen | " + " | ".join(SYSTEMS) + " |")
-    lines.append("|---" * (len(SYSTEMS) + 1) + "|")
+    points = sorted({e["images_seen"] for o in outcomes for e in o.evals})
+    lines.append("| images seen | " + " | ".join(SYSTEMS) + " | megdet_hpc - torchvision | within spread |")
+    lines.append("|---" * (len(SYSTEMS) + 3) + "|")
     for n in points:
-        cells = []
+        cells, stats_at = [], []
         for system in SYSTEMS:
             values = [
-                e["AP"]
-                for o in outcomes
-                if o.system == system and o.status == "done"
-                for e in o.evals
-                if e["images_seen"] == n
+                e["AP"] for o in outcomes if o.system == system for e in o.evals if e["images_seen"] == n
             ]
-            cells.append(_pm(dict(zip(("mean", "std"), spread(values)))))
+            stat = dict(zip(("mean", "std"), spread(values)))
+            stats_at.append(stat)
+            cells.append(f"{_pm(stat)} (n={len(values)})")
+        a, b = stats_at
+        if a["std"] is not None and b["std"] is not None:
+            word, diff, _ = compare(a["mean"], a["std"], b["mean"], b["std"])
+            cells += [f"{diff:+.3f}", "yes" if word == "parity" else f"no ({word})"]
+        else:
+            cells += ["-", "-"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -483,8 +493,10 @@ def run_experiment(
     systems: tuple[str, ...] = SYSTEMS,
     user_opts: tuple[str, ...] = (),
     parallel: int = 1,
+    report_only: bool = False,
 ) -> int:
-    """Train (or resume, or skip) every (seed, system) run, then write the table, JSON and plot."""
+    """Train (or resume, or skip) every (seed, system) run, then write the table, JSON and plot
+    (``report_only``: only write them, from the run folders as they are)."""
     from megdet_hpc.experiments.megdet_table import BASE_BATCH, Run, execute, slug
     from megdet_hpc.utils.provenance import environment
 
@@ -515,7 +527,7 @@ def run_experiment(
 
     # Seed by seed (an interrupted experiment has comparable partial results); with ``parallel`` 2 the
     # two systems of a seed train at the same time, under the same load.
-    jobs = [(seed, system) for seed in seeds for system in systems]
+    jobs = [] if report_only else [(seed, system) for seed in seeds for system in systems]
     if parallel <= 1:
         for job in jobs:
             one(job)
@@ -540,7 +552,7 @@ def run_experiment(
     figure = plot(outcomes, results / "parity_ap_vs_images.png")
     print(table)
     print("wrote", results / "parity.md", results / "parity.json", figure, flush=True)
-    return 0 if all(o.status in ("done", "diverged") for o in outcomes) else 1
+    return 0 if report_only or all(o.status in ("done", "diverged") for o in outcomes) else 1
 
 
 def run_name(system: str, seed: int) -> str:
@@ -551,6 +563,9 @@ def run_name(system: str, seed: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="megdet_hpc.experiments.parity", description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs of the training set per run")
+    p.add_argument(
+        "--report-only", action="store_true", help="write the table from the run folders, train nothing"
+    )
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (2: both systems of a seed)")
     p.add_argument("--step-epoch", type=int, default=2, help="LR x0.1 from this epoch on")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -598,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             a.threads,
             user_opts=tuple(a.opts),
             parallel=a.parallel,
+            report_only=a.report_only,
         )
 
     return run_cli(_run, "megdet_hpc.experiments.parity")
