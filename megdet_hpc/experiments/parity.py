@@ -448,8 +448,18 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for color, system in zip(("C0", "C1"), SYSTEMS):
+        trained = [o for o in outcomes if o.system == system and o.curves.get("loss")]
+        by_point: dict[int, list[float]] = {}
+        for o in trained:
+            for n, loss in zip(o.curves["images_seen"], o.curves["loss"]):
+                by_point.setdefault(n, []).append(loss)
+        xs = sorted(by_point)
+        if xs:
+            loss_ax.plot(xs, [statistics.fmean(by_point[n]) for n in xs], color=color, lw=1.2, label=system)
+            low = [min(by_point[n]) for n in xs]
+            loss_ax.fill_between(xs, low, [max(by_point[n]) for n in xs], color=color, alpha=0.15)
         runs = [o for o in outcomes if o.system == system and o.evals]
         for o in runs:
             xs = [e["images_seen"] for e in o.evals]
@@ -472,9 +482,16 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
             )
     ax.set_xlabel("images seen")
     ax.set_ylabel("COCO AP (val)")
-    ax.set_title("AP vs images seen: megdet_hpc vs torchvision's loop")
+    ax.set_title("AP vs images seen (mean +- std over seeds; thin: each seed)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
+    loss_ax.set_xlabel("images seen")
+    loss_ax.set_ylabel(f"training loss (mean of {WINDOW} iterations)")
+    loss_ax.set_title("training loss (mean over seeds; band: min-max)", fontsize=9)
+    loss_ax.grid(alpha=0.3)
+    if loss_ax.get_legend_handles_labels()[0]:
+        loss_ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
