@@ -566,7 +566,9 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left")
     loss_ax.set_xlabel("images seen")
-    loss_ax.set_ylabel(f"training loss (mean of {WINDOW} iterations)")
+    loss_ax.set_ylabel(
+        f"training loss (megdet_hpc: every {WINDOW}th iteration; torchvision: mean of {WINDOW})", fontsize=8
+    )
     loss_ax.set_title("training loss (mean over seeds; band: min-max)", fontsize=9)
     loss_ax.grid(alpha=0.3)
     if loss_ax.get_legend_handles_labels()[0]:
