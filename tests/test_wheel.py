@@ -28,6 +28,7 @@ MODULE_MAINS = [
     "megdet_hpc.solver.schedule",
     "megdet_hpc.engine.report",
     "megdet_hpc.experiments.megdet_table",
+    "megdet_hpc.experiments.parity",
 ]
 CONSOLE_SCRIPTS = ["megdet-train", "megdet-evaluate", "megdet-launch", "megdet-plan", "megdet-visualize"]
 
