@@ -210,7 +210,10 @@ start_multi() {
   else
     : > "$dir/gres.conf"
   fi
+  # SlurmdTimeout: a node that stops answering (link down, lost) is DOWN after ~30 s, not the default
+  # 300 s, and its jobs are requeued (NODE_FAIL with --requeue).
   cat >> "$conf" <<CONF
+SlurmdTimeout=30
 SlurmdParameters=config_overrides
 GresTypes=gpu
 TmpFS=$dir/nodetmp
