@@ -53,7 +53,12 @@ stop_single() {
 
 our_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^md$net_id-node[0-9]+$" || true; }
 
+# Namespaces or a bridge of this DIR's net id without this DIR's state file belong to another cluster
+# whose DIR hashes alike: never touch them.
+foreign() { [ ! -f "$state" ] && { [ -n "$(our_namespaces)" ] || ip link show "$bridge" >/dev/null 2>&1; }; }
+
 stop_multi() {
+  if foreign; then return 0; fi
   # Every process of the cluster at once (one by one takes seconds per daemon): slurmctld, then all
   # that lives in a node's network namespace (slurmd, slurmstepd, job tasks).
   local pids="" namespaces
@@ -86,6 +91,10 @@ stop_multi() {
     ip link del "$link" 2>/dev/null || true
   done
   ip link del "$bridge" 2>/dev/null || true
+  # `ip netns add` turns /run/netns into a mount point of its own; undo it once no namespace is left.
+  if [ -n "$namespaces" ] && [ -z "$(ip netns list 2>/dev/null)" ] && mountpoint -q /run/netns; then
+    umount /run/netns 2>/dev/null || true
+  fi
   rm -f "$dir/slurmctld.pid" "$dir"/run/*.pid "$state"
 }
 
@@ -249,12 +258,19 @@ start)
       *) echo "unknown option $1" >&2; exit 2 ;;
     esac
   done
+  if [ -n "$nodes" ] && foreign; then
+    echo "network $subnet.0/24 ($bridge) is in use by another test cluster; use another DIR" >&2; exit 1
+  fi
   stop_single; stop_multi  # start over whatever an earlier start left
   mkdir -p "$dir"
   if [ -z "$nodes" ]; then
     start_single
-  elif ! start_multi "$nodes" "$gpus" "$cpus"; then
-    stop_multi; exit 1  # a failed start leaves nothing behind
+  else
+    # A failed start leaves nothing behind.  (A trap, not `start_multi || stop_multi`: bash ignores
+    # set -e inside a function called as a condition, so a failing step would not stop the start.)
+    trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "start failed; cleaning up md$net_id-*, $bridge" >&2; stop_multi; fi; exit "$rc"' EXIT
+    start_multi "$nodes" "$gpus" "$cpus"
+    trap - EXIT
   fi
   ;;
 stop) stop_single; stop_multi ;;

@@ -91,13 +91,16 @@ class MultiNodeCluster:
         return time.monotonic() - t0
 
     def resume_node(self, k: int) -> None:
-        """Bring node ``k`` back after a fault: its slurmd again, its link up, state resumed, idle."""
+        """Bring node ``k`` back after a fault: link up, a fresh slurmd (what a rebooted node does; a
+        DOWN node's old slurmd is pinged again only after minutes), state resumed, idle."""
         self.node(k, "link-up")
-        if not self.node_pids(k, "slurmd"):
-            self.node(k, "start")
+        self.node(k, "kill")
+        self.node(k, "start")
         self.run("scontrol", "update", f"nodename=node{k}", "state=resume", check=False)
         deadline = time.monotonic() + 60
-        while "idle" not in self.run("sinfo", "-h", "-n", f"node{k}", "-o", "%T", check=False).stdout:
+        while self.run("sinfo", "-h", "-n", f"node{k}", "-o", "%T", check=False).stdout.split()[:1] != [
+            "idle"
+        ]:
             assert time.monotonic() < deadline, f"node{k} did not come back"
             time.sleep(0.5)
 

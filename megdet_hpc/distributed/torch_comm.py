@@ -1,7 +1,13 @@
 """The ``torch`` backend: torch.distributed (gloo on CPU, nccl when CUDA is used).
 
 Rendezvous comes from the launcher: torchrun's env, or Slurm/OpenMPI variables translated to
-MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).
+MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).  Under srun the
+master address is the first host of the step's node list (``scontrol show hostnames``), resolved on
+each node -- never 127.0.0.1, which on a second node is that node's own loopback.
+
+``MEGDET_COMM_TIMEOUT_S`` (default 600): torch.distributed's own timeout for the rendezvous and for
+each collective.  The stall watchdog (``train.stall_timeout_s``) covers every backend during training;
+this one also bounds the start-up rendezvous, where no step has run yet.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def write_config(folder: Path, data: Path, group: int = 0, **train: object) -> P
         "images_per_gpu": 1,
         "num_workers": 0,
     }
-    cfg["train"].update(output_dir=str(folder / "out"), checkpoint_period=2, eval_at_end=False, **train)
+    cfg["train"].update(
+        {"output_dir": str(folder / "out"), "checkpoint_period": 2, "eval_at_end": False, **train}
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -370,7 +372,10 @@ def test_lost_node_job_ends_checkpoint_intact_requeued_resumes_elsewhere(
     finally:
         cluster.resume_node(2)
     log = (out / "log.txt").read_text()
-    assert "resumed from" in log and "4 rank(s) on 2 host(s): node1: 0,1; node3: 2,3" in log, log[-3000:]
+    placements = re.findall(r"4 rank\(s\) on 2 host\(s\): (node\d+): 0,1; (node\d+): 2,3", log)
+    assert placements[0] == ("node1", "node2") and len(placements) == 2, log[-3000:]
+    assert "node2" not in placements[1], placements  # resumed on the nodes it got, not the lost one
+    assert "resumed from" in log, log[-3000:]
     assert_matches(out, uninterrupted, exact=True)
 
 
