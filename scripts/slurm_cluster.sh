@@ -73,8 +73,8 @@ stop_multi() {
   for ns in $namespaces; do pids="$pids $(ip netns pids "$ns" 2>/dev/null || true)"; done
   pids=$(echo $pids)
   if [ -n "$pids" ]; then
-    kill $pids 2>/dev/null || true
-    for _ in $(seq 50); do
+    kill $pids 2>/dev/null || true  # TERM, 2 s, then KILL: nothing of a test cluster needs saving
+    for _ in $(seq 20); do
       alive=""; for p in $pids; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
       [ -z "$alive" ] && break; sleep 0.1
     done
@@ -242,7 +242,10 @@ CONF
   ip link set "$bridge" up
   for k in $(seq "$nodes"); do node_net "$k"; done
   slurmctld -f "$conf"
-  for k in $(seq "$nodes"); do node_slurmd "$k"; done
+  # All slurmds at once (each waits for its daemon to detach); any that fails fails the start.
+  local pids=()
+  for k in $(seq "$nodes"); do node_slurmd "$k" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
   wait_idle "$nodes"
 }
 
