@@ -102,8 +102,8 @@ class TrainConfig:
     requeue: bool = True  # under Slurm, scontrol requeue after a signal checkpoint
     # Seconds without a completed step before every rank reports the collective it waits in and exits
     # with code 5 (a frozen or unreachable peer would otherwise block to the wall time); 0 disables.
-    # Far above a real step (MegDet: ~1 s on 8 GPUs; first step, checkpoints included); evaluations
-    # do not count.
+    # Far above a real step (MegDet: ~1 s on 8 GPUs; checkpoints included); the first step gets twice
+    # (warm-up); evaluations do not count.
     stall_timeout_s: float = 600.0
     tensorboard: bool = True
 

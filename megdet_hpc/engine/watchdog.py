@@ -51,6 +51,7 @@ class StallWatchdog:
         self.prog = prog
         self.host = socket.gethostname()
         self._last = time.monotonic()
+        self._limit = timeout_s
         self._paused = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -63,6 +64,9 @@ class StallWatchdog:
         if not self.enabled or self._thread is not None:
             return
         self.beat()
+        # The first step also warms up (allocator, lazy initialisation, cuDNN autotuning, page cache of
+        # the data): it gets twice the time.
+        self._limit = 2 * self.timeout_s
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="megdet-stall-watchdog", daemon=True)
         self._thread.start()
@@ -70,6 +74,7 @@ class StallWatchdog:
     def beat(self) -> None:
         """A step completed: the deadline starts again."""
         self._last = time.monotonic()
+        self._limit = self.timeout_s
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -106,7 +111,7 @@ class StallWatchdog:
         tick = min(1.0, self.timeout_s / 4)
         while not self._stop.wait(tick):
             waited = time.monotonic() - self._last
-            if self._paused or waited < self.timeout_s:
+            if self._paused or waited < self._limit:
                 continue
             self._fire(waited)
             return

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slurm
 ITERS = 6
 HOSTS_LINE = "4 rank(s) on 2 host(s): node1: 0,1; node2: 2,3"
 HANG_GUARD = 300  # seconds: far above every bound measured here, far below a wall time
-STALL_S = 15  # train.stall_timeout_s of the fault tests
+STALL_S = 30  # train.stall_timeout_s of the fault tests: 10x a step on an idle 2-core machine
 
 
 def write_config(folder: Path, data: Path, group: int = 0, **train: object) -> Path:
