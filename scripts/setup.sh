@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-APT_PKGS="libopenmpi-dev openmpi-bin slurm-wlm"
+APT_PKGS="libopenmpi-dev openmpi-bin slurm-wlm iproute2"  # iproute2: the multi-node test cluster
 
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -106,6 +106,19 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
             os.environ["SLURM_CONF"] = old
 
 
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real 16-node Slurm cluster on this machine (one network/UTS/mount namespace per node, 8 fake
+    GPUs each) for the session; see ``tests/multinode.py``.  Leaves ``os.environ`` alone."""
+    import multinode
+
+    cluster = multinode.start(tmp_path_factory.mktemp("slurm-nodes"))
+    try:
+        yield cluster
+    finally:
+        multinode.stop(cluster)
+
+
 def _skip_gpu_tests_without_cuda(items: list) -> None:
     """GPU tests run where CUDA is: elsewhere (CI) they are skipped, and say why."""
     import torch

@@ -157,6 +157,13 @@ class Checkpointer:
         if self._error is not None and (self._thread is None or not self._thread.is_alive()):
             self.wait()
 
+    def finish_writing(self, timeout_s: float) -> None:
+        """Give a background save in flight up to ``timeout_s`` to complete (the stall watchdog calls
+        this before ending the process; a save it cuts short leaves only a temporary)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -318,6 +318,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.checkpoint_period": t.checkpoint_period,
         "train.checkpoint_minutes": t.checkpoint_minutes,
         "train.eval_period": t.eval_period,
+        "train.stall_timeout_s": t.stall_timeout_s,
         "eval.max_images": e.max_images,
         "eval.vis_images": e.vis_images,
     }

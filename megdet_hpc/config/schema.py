@@ -100,6 +100,11 @@ class TrainConfig:
     deterministic: bool = False  # CUDA: deterministic cuDNN algorithms (exactness tests, debugging)
     requeue_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     requeue: bool = True  # under Slurm, scontrol requeue after a signal checkpoint
+    # Seconds without a completed step before every rank reports the collective it waits in and exits
+    # with code 5 (a frozen or unreachable peer would otherwise block to the wall time); 0 disables.
+    # Far above a real step (MegDet: ~1 s on 8 GPUs; checkpoints included); the first step gets twice
+    # (warm-up); evaluations do not count.
+    stall_timeout_s: float = 600.0
     tensorboard: bool = True
 
 

@@ -4,6 +4,16 @@
 ``stats_comm()`` is the transport of CGBN statistics; ``grad_sync`` averages gradients per backend.
 """
 
-from megdet_hpc.distributed.comm import Comm, CommError, Group, get, init, make_comm, shutdown, stats_comm
+from megdet_hpc.distributed.comm import (
+    Comm,
+    CommError,
+    Group,
+    active_comms,
+    get,
+    init,
+    make_comm,
+    shutdown,
+    stats_comm,
+)
 
-__all__ = ["Comm", "CommError", "Group", "get", "init", "make_comm", "shutdown", "stats_comm"]
+__all__ = ["Comm", "CommError", "Group", "active_comms", "get", "init", "make_comm", "shutdown", "stats_comm"]

@@ -5,7 +5,8 @@ preemption vote all need collectives, and the right transport differs by launche
 srun, torchrun) and by device.  ``Comm`` offers the few primitives the project needs (in-place sum
 allreduce over an optional group, broadcast, object allgather/broadcast, barrier, groups) and counts
 every collective it issues, so tests and benchmarks can prove how many collectives and elements a code
-path really sends (``Comm.counters``).
+path really sends (``Comm.counters``).  It also records the collective this rank is inside right now
+(``Comm.waiting``), so the stall watchdog can say where a rank hangs when a peer is frozen or gone.
 
 Backends (``MEGDET_COMM=auto|horovod|torch|mpi|none``):
   * ``horovod`` -- hvd.allreduce_ on CPU (gloo/MPI) or GPU (NCCL); groups are Horovod process sets.
@@ -84,6 +85,23 @@ class Comm(ABC):
         self.counters = CommCounters()
         self._groups: dict[int, Group] = {}
         self._name_counts: dict[str, int] = defaultdict(int)
+        self.waiting: str | None = None  # the collective this rank is inside ("allreduce megdet.vote")
+
+    @contextlib.contextmanager
+    def inside(self, op: str, name: str | None = None) -> Iterator[None]:
+        """Mark the block as waiting in collective ``op`` (``name``: its stable name).
+
+        Why: a TCP or MPI collective whose peer is frozen or unreachable blocks without a word; the
+        stall watchdog (``engine.watchdog``) reads ``waiting`` from its own thread to name the
+        collective in its one-line report.  Nested marks (a CGBN collective inside DDP's backward)
+        name the innermost one and restore the outer one on exit.
+        """
+        outer = self.waiting
+        self.waiting = f"{op} {name}" if name else op
+        try:
+            yield
+        finally:
+            self.waiting = outer
 
     # -- topology -------------------------------------------------------------------------------
     @property
@@ -125,7 +143,8 @@ class Comm(ABC):
         self.counters.add("allreduce", tensor.numel(), str(tensor.dtype))
         if (group.size if group is not None else self.size) == 1:
             return tensor
-        return self._allreduce_(tensor, group, name)
+        with self.inside("allreduce", name):
+            return self._allreduce_(tensor, group, name)
 
     def allreduce_coalesced_(
         self, tensors: Sequence[torch.Tensor], group: Group | None = None, name: str | None = None
@@ -141,30 +160,35 @@ class Comm(ABC):
             "allreduce", sum(t.numel() for t in tensors), str(tensors[0].dtype) if tensors else ""
         )
         if tensors and (group.size if group is not None else self.size) > 1:
-            self._allreduce_coalesced_(tensors, group, name)
+            with self.inside("allreduce", name):
+                self._allreduce_coalesced_(tensors, group, name)
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         self.counters.add("broadcast", tensor.numel(), str(tensor.dtype))
         if self.size == 1:
             return tensor
-        return self._broadcast_(tensor, root)
+        with self.inside("broadcast"):
+            return self._broadcast_(tensor, root)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         self.counters.add("allgather_object", 1)
         if self.size == 1:
             return [obj]
-        return self._allgather_object(obj)
+        with self.inside("allgather_object"):
+            return self._allgather_object(obj)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         self.counters.add("broadcast_object", 1)
         if self.size == 1:
             return obj
-        return self._broadcast_object(obj, root)
+        with self.inside("broadcast_object"):
+            return self._broadcast_object(obj, root)
 
     def barrier(self) -> None:
         self.counters.add("barrier", 0)
         if self.size > 1:
-            self._barrier()
+            with self.inside("barrier"):
+                self._barrier()
 
     def unique_name(self, prefix: str) -> str:
         """``prefix.K`` with K counting calls per prefix: identical on every rank that makes the same
@@ -357,6 +381,13 @@ def stats_comm() -> Comm:
 
         _STATS_COMM = TorchStatsComm(main, "nccl" if mode == "nccl" else "gloo")
     return _STATS_COMM
+
+
+def active_comms() -> list[Comm]:
+    """The comms live in this process (training, and CGBN statistics when separate): where the stall
+    watchdog looks for the collective a rank is waiting in."""
+    comms = [c for c in (_COMM, _STATS_COMM) if c is not None]
+    return [c for i, c in enumerate(comms) if c not in comms[:i]]
 
 
 def shutdown() -> None:

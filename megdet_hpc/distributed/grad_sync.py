@@ -77,6 +77,11 @@ class GradientSync:
     def accumulate(self, last: bool) -> Iterator[None]:
         yield
 
+    def reducing(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Context of a backward pass: marks it as a gradient collective (``Comm.inside``) on paths
+        whose allreduce runs inside backward (DDP), so a stall there is named; a no-op elsewhere."""
+        return contextlib.nullcontext()
+
     def synchronize(self) -> None:
         if self._synced or self.comm.size == 1:
             self._synced = True
@@ -150,7 +155,8 @@ class HorovodGradientSync(GradientSync):
 
     def synchronize(self) -> None:
         if not self._synced:
-            self.optimizer.synchronize()
+            with self.comm.inside("allreduce", "megdet.gradients (hvd.DistributedOptimizer)"):
+                self.optimizer.synchronize()
             self._synced = True
 
     def _no_resync(self) -> contextlib.AbstractContextManager[None]:
@@ -185,6 +191,11 @@ class DDPGradientSync(GradientSync):
     def accumulate(self, last: bool) -> Iterator[None]:
         with contextlib.nullcontext() if last else self.ddp.no_sync():
             yield
+
+    def reducing(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        if not last:
+            return contextlib.nullcontext()
+        return self.comm.inside("allreduce", "megdet.gradients (DDP buckets, during backward)")
 
     def synchronize(self) -> None:  # DDP averaged during backward
         self._synced = True

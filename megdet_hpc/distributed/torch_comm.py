@@ -1,11 +1,17 @@
 """The ``torch`` backend: torch.distributed (gloo on CPU, gloo + nccl when training on CUDA).
 
 Rendezvous comes from the launcher: torchrun's env, or Slurm/OpenMPI variables translated to
-MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).
+MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).  Under srun the
+master address is the first host of the step's node list (``scontrol show hostnames``), resolved on
+each node -- never 127.0.0.1, which on a second node is that node's own loopback.
 
 The backend follows the *training device*, not the machine: ``train.device=cpu`` on a node with GPUs
 gets gloo (NCCL cannot carry CPU tensors), and a CUDA run gets ``cpu:gloo,cuda:nccl`` so the few CPU
 tensors some callers reduce (calibration, objects) still have a transport.
+
+``MEGDET_COMM_TIMEOUT_S`` (default 600): torch.distributed's own timeout for the rendezvous and for
+each collective.  The stall watchdog (``train.stall_timeout_s``) covers every backend during training;
+this one also bounds the start-up rendezvous, where no step has run yet.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Training policies as hooks (detectron2's ``engine/hooks.py``), each contributing to the one vote.
 
-Order matters and is the order ``Trainer.build_hooks`` registers them: the non-finite guard first (the
-streak must be current before anything is saved), then metrics, preemption (which ends the run), the
+Order matters and is the order ``Trainer.build_hooks`` registers them: the stall watchdog's beat
+first (a step's own checkpoint and evaluation count from its end), the non-finite guard (the streak
+must be current before anything is saved), then metrics, preemption (which ends the run), the
 periodic checkpointer and evaluation.
 """
 
@@ -96,6 +97,22 @@ class MetricsHook(HookBase):
         if t.completed and t.comm.is_main:
             plot = t.metrics.plot(t.output_dir / "training_curves.png")
             log.info("training done: %d iterations; curves in %s", t.iteration, plot)
+
+
+class StallWatchdogHook(HookBase):
+    """Runs the trainer's ``StallWatchdog`` during training: every completed step restarts its deadline
+    (first in the hook list, so a step's own checkpoint and evaluation count from its end)."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None:
+        self.trainer.watchdog.start()
+
+    def after_step(self, result: StepResult) -> None:
+        self.trainer.watchdog.beat()
+
+    def close(self) -> None:
+        self.trainer.watchdog.stop()
 
 
 class PreemptionHook(HookBase):

@@ -18,6 +18,7 @@ changes nothing (weights, optimizer state, BN running statistics restored from a
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,12 @@ from megdet_hpc.engine.hooks import (
     NonFiniteGuard,
     PeriodicCheckpointer,
     PreemptionHook,
+    StallWatchdogHook,
 )
 from megdet_hpc.engine.metrics import MetricsWriter
 from megdet_hpc.engine.signals import StopFlag
 from megdet_hpc.engine.train_loop import HookBase, StepResult, StopTraining, TrainerBase
+from megdet_hpc.engine.watchdog import StallWatchdog
 from megdet_hpc.evaluation import evaluate
 from megdet_hpc.launch.slurm import requeue_job
 from megdet_hpc.modeling import build_model, set_sampling_keys
@@ -122,6 +125,12 @@ class Trainer(TrainerBase):
         )
         self.stop_flag = StopFlag()
         self.progress = Progress()
+        self.watchdog = StallWatchdog(
+            cfg.train.stall_timeout_s,
+            distributed.active_comms,
+            lambda: self.progress.iteration,
+            before_exit=self.checkpointer.finish_writing,
+        )
         self.max_iter = cfg.solver.max_iter
         # Everything that can be checked is checked before anything is written: data (train and, when
         # the run will evaluate, val), categories against the model.
@@ -205,11 +214,28 @@ class Trainer(TrainerBase):
             self._restore(ckpt)
         else:
             rng_state.seed_all(self.cfg.train.seed * 1000 + self.comm.rank)
+        self._log_placement()
         if self.comm.is_main:
             log.info("training data: %d images; %s", len(self.train_set), self.train_set.stats.summary())
         self.register_hooks(self.build_hooks())
         self._prepared = True
         return path
+
+    def _log_placement(self) -> None:
+        """Collective.  One line naming the host of every rank (``node1: 0-1; node2: 2-3``): where a
+        multi-node job really ran, read from its log, and the first thing to check when local ranks
+        and GPUs do not match."""
+        where = self.comm.allgather_object((socket.gethostname(), self.comm.local_rank))
+        hosts: dict[str, list[int]] = {}
+        for rank, (host, _) in enumerate(where):
+            hosts.setdefault(host, []).append(rank)
+        if self.comm.is_main:
+            log.info(
+                "%d rank(s) on %d host(s): %s",
+                self.comm.size,
+                len(hosts),
+                "; ".join(f"{h}: {','.join(map(str, r))}" for h, r in hosts.items()),
+            )
 
     def _build_optimization(self, ckpt: dict[str, Any] | None) -> None:
         s = self.cfg.solver
@@ -240,6 +266,7 @@ class Trainer(TrainerBase):
     def build_hooks(self) -> list[HookBase]:
         t = self.cfg.train
         return [
+            StallWatchdogHook(),
             NonFiniteGuard(self.cfg.solver.max_nonfinite),
             MetricsHook(t.log_period),
             PreemptionHook(t.requeue_signals),
@@ -343,7 +370,8 @@ class Trainer(TrainerBase):
                 ):
                     parts = model(images, targets)
                     loss = sum(parts.values()) / accum
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                with self.sync.reducing(last=micro == accum - 1):
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for name, value in parts.items():
                 value = value.detach() / accum
                 losses[name] = losses[name] + value if name in losses else value
@@ -425,15 +453,16 @@ class Trainer(TrainerBase):
         """COCO evaluation of the current model; None when a preemption signal interrupted it."""
         if self.val_set is None:
             self.val_set = build_val_dataset(self.cfg)
-        metrics = evaluate(
-            self.model,
-            self.val_set,
-            self.comm,
-            self.device,
-            self.output_dir / "eval",
-            self.cfg.eval.max_images,
-            should_stop=lambda: self.stop_flag.raised,
-        )
+        with self.watchdog.paused():  # its length depends on the validation set, not on a step
+            metrics = evaluate(
+                self.model,
+                self.val_set,
+                self.comm,
+                self.device,
+                self.output_dir / "eval",
+                self.cfg.eval.max_images,
+                should_stop=lambda: self.stop_flag.raised,
+            )
         if metrics is None:
             if self.comm.is_main:
                 log.warning("evaluation at iteration %d interrupted by a signal", self.progress.iteration)

@@ -23,6 +23,7 @@ EXIT_FAILED = 1  # a bug: traceback printed
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3  # checkpoint written after a signal; resume (or the requeued job) continues the run
 EXIT_NONFINITE = 4  # too many consecutive non-finite losses
+EXIT_STALLED = 5  # no step completed in train.stall_timeout_s (a frozen or unreachable peer)
 
 
 class ArgumentParser(argparse.ArgumentParser):

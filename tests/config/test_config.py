@@ -92,6 +92,8 @@ def test_the_config_is_frozen_and_updated_by_copy() -> None:
         (["solver.base_lr"], "not of the form"),
         (["train.log_period=0"], "train.log_period must be > 0"),
         (["train.eval_period=-1"], "train.eval_period must be >= 0"),
+        (["train.stall_timeout_s=-1"], "train.stall_timeout_s must be >= 0"),
+        (["train.stall_timeout_s=soon"], "train.stall_timeout_s: expected a number"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["solver.momentum=-5"], "solver.momentum must be in"),
         (["model.trainable_layers=9"], "model.trainable_layers must be in 0..5"),

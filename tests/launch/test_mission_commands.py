@@ -1,10 +1,11 @@
 """The three commands of the mission, verbatim, from the checkout.
 
-* ``sbatch slurm/train_128gpu.sh``: accepted by sbatch's parser (``--test-only``; this CPU-only cluster
-  cannot grant 128 GPUs, which is the only complaint), and a CPU variant of the same template really runs
-  with no ``logs/`` folder prepared (``test_slurm_jobs.py``).
+* ``sbatch slurm/train_128gpu.sh``: accepted (``--test-only``) by a cluster its size -- the 16-node,
+  8-fake-GPU cluster of ``multinode_cluster`` -- and a CPU variant of the same template really runs with
+  no ``logs/`` folder prepared (``test_slurm_jobs.py``); on 2 nodes in ``test_multinode.py``.
 * ``python -m megdet_hpc.launch --nodes 16``: 16 x 8 GPUs x 2 images = 256, so the bs256 config
-  (``--dry-run`` shows it); submitted to this CPU-only cluster, sbatch's refusal is one line.
+  (``--dry-run`` shows it); really submitted to that cluster (then cancelled); a job larger than the
+  cluster is refused by sbatch in one line.
 * ``horovodrun -np 8 python -m megdet_hpc.train``: the default config for 8 x 2 images, 8 ranks
   oversubscribed on this machine, a few iterations on tiny images.
 """
@@ -31,13 +32,16 @@ def env_with_venv(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slurm
-def test_sbatch_train_128gpu_is_accepted_by_sbatch(slurm_cluster: Path) -> None:
+def test_sbatch_train_128gpu_is_accepted_by_a_cluster_its_size(multinode_cluster) -> None:
     proc = subprocess.run(
-        ["sbatch", "--test-only", "slurm/train_128gpu.sh"], cwd=REPO, capture_output=True, text=True
+        ["sbatch", "--test-only", "slurm/train_128gpu.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=multinode_cluster.env(),
     )
-    text = proc.stderr.lower()
-    assert proc.returncode != 0 and "line" not in text and "unrecognized" not in text, proc.stderr
-    assert "requested node configuration is not available" in text or "gres" in text, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "using 1024 processors on nodes node[1-16] in partition low" in proc.stderr, proc.stderr
     script = (REPO / "slurm/train_128gpu.sh").read_text()
     assert "#SBATCH --nodes=16" in script and "#SBATCH --output=%x-%j.out" in script  # no folder to prepare
     assert "DEFAULT_CONFIG=configs/megdet_r50_fpn_bs256.yaml" in script and "--total-batch 256" in script
@@ -60,22 +64,43 @@ def test_launch_nodes_16_dry_run_shows_the_config_chosen_by_gpu_count(tmp_path: 
 
 
 @pytest.mark.slurm
-def test_launch_nodes_16_verbatim_is_refused_in_one_line_by_a_cpu_cluster(
-    slurm_cluster: Path, tmp_path: Path
-) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env_with_venv(),
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megdet_hpc.launch: error: sbatch refused the job:"), (
-        proc.stderr
-    )
+def test_launch_nodes_16_verbatim_really_submits(multinode_cluster, tmp_path: Path) -> None:
+    """Submitted for real; the partition is held DOWN meanwhile (jobs queue, none starts) so the
+    128-task COCO job never runs here, and it is cancelled."""
+    cluster = multinode_cluster
+    cluster.run("scontrol", "update", "partitionname=low", "state=down")
+    job = ""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "16"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=cluster.env(),
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        job = proc.stdout.split("submitted job ", 1)[1].split()[0]
+        assert "world size 128 x 2 image(s) = total batch 256" in proc.stdout
+        shown = cluster.run("scontrol", "show", "job", job).stdout
+        assert "JobState=PENDING" in shown and "NumNodes=16" in shown and "NumTasks=128" in shown, shown
+        refused = subprocess.run(
+            [sys.executable, "-m", "megdet_hpc.launch", "--nodes", "17"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=cluster.env(),
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("megdet_hpc.launch: error: sbatch refused the job:"), (
+            refused.stderr
+        )
+    finally:
+        if job:
+            cluster.run("scancel", job, check=False)
+        cluster.run("scontrol", "update", "partitionname=low", "state=up")
 
 
 def test_horovodrun_np_8_trains_with_the_default_config(tiny_data: Path, tmp_path: Path) -> None:

@@ -178,6 +178,41 @@ def test_mpi_backend_a_killed_loader_worker_ends_the_job(tiny_config, tmp_path: 
     assert "DataLoader worker" in err
 
 
+def test_horovod_backend_a_frozen_rank_is_reported_and_the_job_ends(tiny_config, tmp_path: Path) -> None:
+    """The stall watchdog under horovodrun (Horovod over MPI): rank 1 frozen with SIGSTOP; rank 0,
+    blocked in a Horovod collective, names it in one line and exits 5; the launcher ends the job.
+    (Across nodes, with srun, for the mpi and torch backends: tests/launch/test_multinode.py.)"""
+    cfg = tiny_config(
+        data={"images_per_gpu": 1},
+        solver={"max_iter": 100000},
+        train={"checkpoint_period": 2, "eval_at_end": False, "stall_timeout_s": 20},
+    )
+    out = tmp_path / "out"
+    proc = start(cfg, launcher="hvd-mpi", nproc=2)
+    wait_for(lambda: iteration_of(out) >= 3, proc)
+    ranks = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "megdet_hpc.train" in " ".join(p.cmdline())
+    ]
+    frozen = next(p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1")
+    before = tree(out)
+    frozen.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    code, stdout, stderr = finish(proc)
+    print(f"horovod, frozen rank: the job ended {time.monotonic() - t0:.1f} s after SIGSTOP (timeout 20 s)")
+    assert code != 0
+    marker = "megdet_hpc.train: error: stalled:"
+    lines = [line[line.index(marker) :] for line in (stdout + stderr).splitlines() if marker in line]
+    # Rank 0's one line; the frozen rank may add its own if the launcher's SIGCONT thaws it at the end.
+    assert [line for line in lines if "rank 0 of 2 on" in line] == lines[:1] and len(lines) <= 2, lines
+    assert re.search(r"waits in (allreduce|broadcast|barrier|allgather_object)", lines[0]), lines
+    assert "exiting with code 5" in lines[0]
+    assert {k: v for k, v in tree(out).items() if k in before and k.startswith("model_")} == {
+        k: v for k, v in before.items() if k.startswith("model_")
+    }
+
+
 def test_a_checkpoint_copied_without_its_manifest_is_resumed(finished_run, tmp_path: Path) -> None:
     cfg, base = finished_run
     fork = tmp_path / "fork"
