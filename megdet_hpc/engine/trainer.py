@@ -408,7 +408,7 @@ class Trainer(TrainerBase):
                 self.progress.iteration,
                 self.output_dir,
             )
-            if self.cfg.train.requeue:
+            if self.cfg.train.requeue and self.stop_flag.requeue:
                 requeue_job()
         self.comm.barrier()
         raise StopTraining(EXIT_PREEMPTED)

@@ -3,6 +3,8 @@
 * Bad input (``UserError``, argparse errors) -> one line ``prog: error: ...`` on stderr, exit code 2.
 * A collective that failed because a peer rank died (``distributed.lost_peer``) -> one line naming
   the lost rank, exit code 5: not this process's bug, and nothing the user typed.
+* Ctrl-C outside the training loop (which checkpoints instead, ``engine/signals.py``) -> one line,
+  exit code 130.
 * Anything else -> its traceback, exit code 1.
 * In a multi-rank MPI job a rank that fails calls ``MPI_Abort``: mpi4py would otherwise block in
   ``MPI_Finalize`` at exit while its peers wait in the next collective, and the job would hang until
@@ -28,6 +30,7 @@ EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3  # checkpoint written after a signal; resume (or the requeued job) continues the run
 EXIT_NONFINITE = 4  # too many consecutive non-finite losses
 EXIT_PEER_LOST = 5  # another rank died: this one's collective failed (resume from the last checkpoint)
+EXIT_INTERRUPTED = 130  # Ctrl-C outside the training loop (the shell's code for SIGINT)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,6 +57,13 @@ def run_cli(main: Callable[[], int], prog: str) -> int:
     except UserError as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(
+            f"{prog}: error: interrupted (nothing saved since the last checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback, still end the job
         lost = _lost_peer(exc)
         if lost is not None:

@@ -109,3 +109,37 @@ def test_a_dead_peer_under_torchrun_is_one_line_naming_it(tiny_config, tmp_path:
     assert "Connection reset by peer" not in stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["iteration"] >= 2  # what was written stays
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT-to-the-group", "SIGHUP"])
+def test_ctrl_c_or_hangup_checkpoints_and_exits_3(tiny_config, tmp_path: Path, sig: signal.Signals) -> None:
+    """A terminal's Ctrl-C reaches the whole process group (the DataLoader worker too); a closed
+    terminal sends SIGHUP.  Before: an 80-line KeyboardInterrupt traceback / killed, no checkpoint."""
+    cfg = tiny_config(
+        data={"num_workers": 1},
+        solver={"max_iter": 100000},
+        train={"checkpoint_period": 0, "eval_at_end": False},
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megdet_hpc.train", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    wait_for(lambda: iteration_of(out) >= 2, proc)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    code, stdout, stderr = finish(proc)
+    assert code == 3, (stdout[-2000:], stderr[-3000:])
+    assert "Traceback" not in stdout + stderr
+    stopped = [line for line in stdout.splitlines() if f"stopped by {sig.name} at iteration" in line]
+    assert stopped, stdout[-2000:]
+    iteration = int(stopped[0].split("at iteration ")[1].split(":")[0])
+    assert (out / "last_checkpoint").read_text().strip() == f"model_{iteration:07d}.pth"
