@@ -20,12 +20,12 @@ import signal
 import socket
 import threading
 
-# How gloo, NCCL and torch.distributed say that the other end of a connection went away.
+# How gloo, NCCL and torch.distributed say that the other end of a connection went away (not
+# "Connection refused": that is a rendezvous that never happened, a set-up problem).
 _PATTERNS = (
     "Connection reset by peer",
     "Connection closed by peer",
     "Broken pipe",
-    "Connection refused",
     "NCCL communicator was aborted",
     "remote process exited or there was a network error",
 )
@@ -43,7 +43,7 @@ def _chain(exc: BaseException | None):  # type: ignore[no-untyped-def]
 def transport_message(exc: BaseException) -> str | None:
     """The collective's "peer went away" message in ``exc``'s chain, or None (another failure)."""
     for link in _chain(exc):
-        if isinstance(link, (RuntimeError, ConnectionError)):
+        if isinstance(link, RuntimeError):  # torch's DistBackendError is one
             text = str(link)
             if any(p in text for p in _PATTERNS):
                 return text
