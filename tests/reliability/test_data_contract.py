@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_faults import HANG_GUARD, copy_data, one_line_error, train
 
@@ -131,7 +132,7 @@ def test_a_16_bit_png_is_scaled_not_clipped_to_white(tiny_data: Path, tmp_path: 
     ds = CocoDetection(data / "train", data / ANNOTATIONS, train=True)
     image_id = next(i for i in ds.ids if ds.coco.imgs[i]["file_name"] == f"{first.stem}.png")
     pixels = ds.load_image(image_id)
-    assert pixels.dtype.name == "uint8" and pixels.shape[0] == 3
+    assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3
     assert (pixels[0].numpy() == eight_bit).all()  # the same picture, not 255 everywhere
 
 
