@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import Checkpointer, CheckpointError
-        from megdet_hpc.config import load_config
+        from megdet_hpc.config import architecture_differences, load_config
         from megdet_hpc.data.loader import build_val_dataset
         from megdet_hpc.engine.trainer import device_type, select_device
         from megdet_hpc.evaluation import evaluate
         from megdet_hpc.modeling import build_model
+        from megdet_hpc.modeling.fit import load_weights
         from megdet_hpc.utils.logger import setup_logging
 
         cfg = load_config(a.config, a.opts)
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             if path is None:
                 raise CheckpointError(f"no usable checkpoint in {cfg.train.output_dir}")
             state = Checkpointer(path.parent, comm).load(path)
-            model = build_model(cfg)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as exc:
+            differences = architecture_differences(state.get("config", {}), cfg)
+            if differences:
                 raise CheckpointError(
-                    f"{path.name}: weights do not fit the model ({str(exc).splitlines()[0]})"
-                ) from exc
+                    f"{path.name} was trained with another model ({'; '.join(differences)}); "
+                    "evaluate it with its own config"
+                )
+            model = build_model(cfg)
+            load_weights(model, state["model"], path.name)
             device = select_device(cfg, comm.local_rank)
             model.to(device)
             out = a.out or Path(cfg.train.output_dir) / "evaluate" / path.stem

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megdet_hpc.checkpoint.io import (
+    MANIFEST_RE,
     NAME_RE,
     CheckpointError,
     candidates,
@@ -100,6 +101,20 @@ class Checkpointer:
         stale = remove_stale_temporaries(self.folder)
         if stale:
             log.warning("removed %d temporary file(s) of an interrupted checkpoint save", stale)
+        orphans = self._remove_orphan_manifests()
+        if orphans:
+            log.warning("removed %d manifest(s) whose checkpoint is gone (an interrupted pruning)", orphans)
+
+    def _remove_orphan_manifests(self) -> int:
+        """Manifests without their ``.pth``: what a writer killed between the two deletes of a pruning
+        leaves (the ``.pth`` goes first, so a half-pruned checkpoint is never a manifest-less ``.pth``
+        that looks like a user's copy).  Called while holding the lock."""
+        count = 0
+        for p in self.folder.iterdir():
+            if MANIFEST_RE.match(p.name) and not p.with_suffix(".pth").exists():
+                p.unlink(missing_ok=True)
+                count += 1
+        return count
 
     def close(self) -> None:
         self.wait()
@@ -173,8 +188,13 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint save at iteration {iteration} failed: {err}") from err
 
     def _prune(self, keep_name: str) -> None:
+        """Keep the newest ``keep`` checkpoints *this code wrote* (those with a manifest).  A ``.pth``
+        without a manifest (a user's copy from another run) neither counts nor is ever deleted: it
+        would otherwise take the place of a verified checkpoint.  Order of the deletes: ``.pth``, then
+        its manifest; a kill between them leaves a manifest without its file, removed at the next
+        ``open``."""
         found = sorted(
-            (p for p in self.folder.iterdir() if NAME_RE.match(p.name)),
+            (p for p in self.folder.iterdir() if NAME_RE.match(p.name) and p.with_suffix(".json").exists()),
             key=lambda p: int(NAME_RE.match(p.name).group(1)),  # type: ignore[union-attr]
         )
         for old in found[: max(0, len(found) - self.keep)]:

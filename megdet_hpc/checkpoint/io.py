@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -30,6 +31,9 @@ from megdet_hpc.utils.errors import UserError
 
 POINTER = "last_checkpoint"
 NAME_RE = re.compile(r"^model_(\d{7,})\.pth$")
+MANIFEST_RE = re.compile(r"^model_(\d{7,})\.json$")
+
+log = logging.getLogger("megdet_hpc.checkpoint")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -122,6 +126,22 @@ def write_checkpoint(folder: Path, iteration: int, state: dict[str, Any], meta: 
     return path
 
 
+def read_manifest(manifest_path: Path) -> dict[str, Any]:
+    """A manifest's JSON object, or a one-line CheckpointError (not JSON, not UTF-8, not an object)."""
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{manifest_path.name}: unreadable manifest ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON: {exc}"
+        raise CheckpointError(f"{manifest_path.name}: unreadable manifest ({reason})") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(
+            f"{manifest_path.name}: unreadable manifest (a JSON {type(manifest).__name__}, not an object)"
+        )
+    return manifest
+
+
 def verify(path: Path) -> dict[str, Any]:
     """Check the manifest's size and checksum; returns the manifest or raises CheckpointError.
 
@@ -133,10 +153,7 @@ def verify(path: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         state = load_file(path, check=False)
         return {"file": path.name, "iteration": state.get("iteration"), "manifest": False}
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise CheckpointError(f"{manifest_path.name}: unreadable manifest ({exc})") from exc
+    manifest = read_manifest(manifest_path)
     size = path.stat().st_size
     if size != manifest.get("size"):
         raise CheckpointError(f"{path.name}: {size} bytes, manifest says {manifest.get('size')} (truncated?)")
@@ -145,11 +162,52 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
+# What a file that is not a PyTorch file most likely is, by its first bytes (for the message only).
+MAGIC = {
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x89PNG": "a PNG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a NumPy .npy array",
+    b"\x89HDF": "an HDF5 file",
+}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2+ (torch.save's legacy format starts with one)
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a file written by ``torch.save`` (None when it may be one): so a JPEG
+    renamed ``.pth`` is called a JPEG, not blamed on objects that could run code."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return None
+    for magic, kind in MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("ascii")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"unrecognised content (first bytes {head[:4].hex(' ')})"
+
+
 def safe_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with a one-line reason when it fails (torch's own message
     recommends turning the protection off; ours does not)."""
     if path.is_dir():
         raise CheckpointError(f"{path}: cannot be loaded: it is a directory")
+    try:
+        kind = not_a_torch_file(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: cannot be loaded: no such file") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be loaded: {exc.strerror or exc}") from exc
+    if kind is not None:
+        raise CheckpointError(f"{path.name}: cannot be loaded: not a PyTorch file ({kind})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -185,13 +243,42 @@ def candidates(folder: Path) -> list[Path]:
         key=lambda p: int(NAME_RE.match(p.name).group(1)),  # type: ignore[union-attr]
         reverse=True,
     )
-    pointer = folder / POINTER
-    if pointer.is_file():
-        named = folder / pointer.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
+    named = pointed_to(folder)
+    if named is not None and named in found:
+        found.remove(named)
+        found.insert(0, named)
+    elif named is not None and found:
+        log.warning(
+            "%s names %s, which is not a checkpoint in %s; ignoring it, trying the newest one",
+            POINTER,
+            named.name,
+            folder,
+        )
     return found
+
+
+def pointed_to(folder: Path) -> Path | None:
+    """The file the ``last_checkpoint`` pointer names, or None (no pointer, or an unreadable one:
+    said in a warning, the checkpoints are then tried newest first)."""
+    pointer = folder / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        text = pointer.read_bytes().decode("utf-8").strip()
+    except OSError as exc:
+        log.warning("%s cannot be read (%s); ignoring it", pointer, exc.strerror or exc)
+        return None
+    except UnicodeDecodeError:
+        log.warning("%s is not UTF-8 text (corrupted?); ignoring it, trying the newest checkpoint", pointer)
+        return None
+    if not NAME_RE.match(text):
+        log.warning(
+            "%s holds %r, not a checkpoint name (corrupted?); ignoring it, trying the newest checkpoint",
+            pointer,
+            text[:60],
+        )
+        return None
+    return folder / text
 
 
 def _alive(pid: int) -> bool:

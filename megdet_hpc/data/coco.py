@@ -1,17 +1,33 @@
-"""COCO-format detection datasets through pycocotools.
+"""COCO-format detection datasets through pycocotools, and the loader's input contract.
 
-The annotation file is checked before use: every image needs ``id``, ``file_name``, ``width`` and
-``height``, every annotation ``image_id``, ``category_id`` and a ``bbox`` of 4 finite numbers, and there
-must be ``categories`` -- a violation is a one-line ``DataError`` naming the file and the entry (a
-``NaN`` coordinate would otherwise become a full-width box).  Annotations are then cleaned the way
-detectron2 and torchvision's references do, and every dropped one is counted by reason (``FilterStats``,
-logged by the trainer): crowd regions, boxes that are empty once clipped to the image, and unknown
-categories; images left without boxes are skipped for training (kept for evaluation).  COCO category
-ids are mapped to contiguous labels 1..K (0 is background) and back for evaluation.
+The input contract (checked before anything is trained; a violation is a one-line ``DataError``
+naming the file and the entry, exit code 2; what is cleaned instead is dropped and **counted** by
+reason in ``FilterStats``, which the trainer logs):
 
+* the file is a JSON object with ``images``, ``annotations`` and ``categories`` lists of objects;
+* every image has an integer ``id`` -- **unique** (pycocotools would keep the last image of a shared
+  id, so one file would be trained with another's boxes) --, a non-empty ``file_name`` and positive
+  integer ``width`` and ``height``, which must be the decoded file's size;
+* every category has an integer ``id``, unique;
+* every annotation has an integer ``id`` (unique: pycocotools indexes them by it, and evaluation reads
+  them back by it), integer ``image_id`` and ``category_id``, and a ``bbox`` of 4 finite numbers
+  ``[x, y, w, h]`` (a ``NaN`` would otherwise become a full-width box);
+* dropped and counted: annotations whose ``image_id`` is no image of the file ("no such image"),
+  crowd regions, boxes that are empty once clipped to the image (zero or negative width or height,
+  entirely outside it), unknown ``category_id``; images left without boxes are skipped for training
+  (kept for evaluation).
+
+Image files: every format Pillow opens; a multi-frame file (animated GIF, multi-page TIFF) is read
+at its first frame.  Pixel modes: the 8-bit ones (``1``, ``L``, ``LA``, ``P``, ``PA``, ``RGB``,
+``RGBA``, ``CMYK``, ``YCbCr``, ...) are converted to RGB (alpha dropped); 16-bit grayscale
+(``I;16``, ``I;16B``, ``I;16L``: 16-bit PNG and TIFF) is scaled to 8 bits over its full range
+(``round(v / 257)``) -- a plain ``convert("RGB")`` would clip it to pure white; 16-bit RGB PNGs are
+reduced to 8 bits by Pillow itself.  32-bit integer (``I``) and float (``F``) pixels have no range
+the loader can know and are refused with a ``DataError`` naming the file.
+
+COCO category ids are mapped to contiguous labels 1..K (0 is background) and back for evaluation.
 Images are returned as uint8 CHW tensors (4x fewer bytes to pin and copy than float32); the model
-input is ``to_float(image)`` on the device.  A decoded image whose size differs from the one in the
-JSON is a ``DataError``: boxes would silently be clipped to the wrong frame.
+input is ``to_float(image)`` on the device.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ class FilterStats:
     crowd: int = 0
     degenerate: int = 0  # zero width or height once clipped to the image (or entirely outside it)
     unknown_category: int = 0
+    no_image: int = 0  # annotations whose image_id is no image of the file
     empty_images: int = 0  # training images left without boxes (skipped)
     per_image: dict[int, int] = field(default_factory=dict)
 
@@ -50,6 +67,7 @@ class FilterStats:
             "crowd": self.crowd,
             "degenerate": self.degenerate,
             "unknown category": self.unknown_category,
+            "no such image": self.no_image,
         }
         parts = [f"{count} {reason}" for reason, count in dropped.items() if count]
         text = f"{self.kept_boxes} boxes kept; dropped {', '.join(parts) if parts else 'none'}"
@@ -61,6 +79,25 @@ class FilterStats:
 def _where(path: Path) -> str:
     """``path``, and for a relative one the directory it was looked up from (jobs run elsewhere)."""
     return str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    """HxWx3 uint8 pixels of an opened image (its first frame), as the module's contract says:
+    8-bit modes converted, 16-bit grayscale scaled over its full range, 32-bit int/float refused."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.uint32)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise DataError(
+            f"cannot read image {path}: {kind} pixels (mode {img.mode}) have no known range; "
+            "convert it to 8- or 16-bit"
+        )
+    return np.asarray(img.convert("RGB"))
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:
@@ -76,6 +113,10 @@ def _finite_numbers(values: Any, length: int) -> bool:
     )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate(data: Any, path: Path) -> None:
     """One-line DataError for the first structural problem of a COCO instances file."""
     if not isinstance(data, dict):
@@ -83,26 +124,41 @@ def _validate(data: Any, path: Path) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{path}: no '{key}' list")
+    category_ids: set[int] = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
             raise DataError(f"{path}: category #{i} has no integer 'id'")
+        if cat["id"] in category_ids:
+            raise DataError(f"{path}: category id {cat['id']} appears twice (ids must be unique)")
+        category_ids.add(cat["id"])
+    files_of: dict[int, str] = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
             raise DataError(f"{path}: image #{i} is not an object")
         for key in ("id", "width", "height"):
-            if not isinstance(img.get(key), int) or isinstance(img.get(key), bool):
+            if not _is_int(img.get(key)):
                 raise DataError(f"{path}: image #{i} (id {img.get('id')}) has no integer '{key}'")
         if img["width"] <= 0 or img["height"] <= 0:
             raise DataError(f"{path}: image id {img['id']} has size {img['width']}x{img['height']}")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise DataError(f"{path}: image id {img['id']} has no 'file_name'")
+        if img["id"] in files_of:
+            raise DataError(
+                f"{path}: image id {img['id']} is used by both {files_of[img['id']]!r} and "
+                f"{img['file_name']!r} (image ids must be unique)"
+            )
+        files_of[img["id"]] = img["file_name"]
+    annotation_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DataError(f"{path}: annotation #{i} is not an object")
         label = f"annotation id {ann.get('id', '?')} (#{i})"
-        for key in ("image_id", "category_id"):
-            if not isinstance(ann.get(key), int) or isinstance(ann.get(key), bool):
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(ann.get(key)):
                 raise DataError(f"{path}: {label} has no integer '{key}'")
+        if ann["id"] in annotation_ids:
+            raise DataError(f"{path}: annotation id {ann['id']} appears twice (ids must be unique)")
+        annotation_ids.add(ann["id"])
         if "bbox" not in ann:
             raise DataError(f"{path}: {label} has no 'bbox'")
         if not _finite_numbers(ann["bbox"], 4):
@@ -148,6 +204,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_to_cat = {i + 1: c for i, c in enumerate(cat_ids)}
         self.category_names = {i + 1: self.coco.cats[c].get("name", str(c)) for i, c in enumerate(cat_ids)}
         self.stats = FilterStats()
+        self.stats.no_image = sum(
+            len(anns) for image_id, anns in self.coco.imgToAnns.items() if image_id not in self.coco.imgs
+        )
         self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ids: list[int] = []
         for image_id in sorted(self.coco.getImgIds()):
@@ -199,8 +258,10 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.root / info["file_name"]
         try:
             with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
+                array = to_rgb8(img, path)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
             raise DataError(f"cannot read image {path}: {exc}") from exc
         height, width = array.shape[:2]
         if (width, height) != (info["width"], info["height"]):

@@ -30,10 +30,12 @@ class _KeyedDataset(torch.utils.data.Dataset):
 def _ignore_preemption_signals(_worker_id: int) -> None:
     """Slurm signals every process of a step, DataLoader workers included; a worker killed by USR1 or
     TERM would crash the trainer before it can checkpoint.  Workers ignore them (the trainer handles
-    them) and are shut down explicitly by the trainer (``shutdown_loader``)."""
+    them) and are shut down explicitly by the trainer (``shutdown_loader``).  SIGINT and SIGHUP too: a
+    terminal's Ctrl-C reaches the whole process group, and a worker ended by it would turn the
+    trainer's checkpoint-and-stop into "DataLoader worker exited unexpectedly"."""
     import signal
 
-    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 

@@ -7,8 +7,12 @@ takes slice ``r`` of every global batch.  Because the global batches do not depe
 a job resumed on another GPU count with the same total batch sees exactly the same images per step.
 
 The state a checkpoint stores is ``{"epoch", "remaining"}``: the indices of the current epoch not yet
-consumed, in order.  Restoring regroups them into batches of the (possibly new) total batch, so
-nothing of the current epoch is repeated or skipped, whatever the new world size or batch.  The state
+consumed, in order (whole global batches).  Restoring regroups them into batches of the (possibly new)
+total batch.  With another total batch a group's remainder may not fill a last batch (8 images left,
+batches of 6): that **bridge** batch is completed with the first images of that group in the next
+epoch's permutation, and those images are then left out of the next epoch -- so nothing of the
+current epoch is skipped (it used to be dropped with the incomplete bucket) and nothing is repeated,
+in this epoch or the next, whatever the new world size or batch.  The state
 is taken for what the trainer *consumed*, not what DataLoader workers prefetched: every key carries
 its ``(epoch, batch number)`` and ``state_after`` computes the state from those.
 """
@@ -60,6 +64,7 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
         self.epoch = 0
         self._resume_remaining: list[int] | None = None
         self._batches: dict[int, list[list[int]]] = {}
+        self._borrowed: dict[int, set[int]] = {}  # epoch -> its images a bridge batch already used
 
     # -- epochs -----------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> list[int]:
@@ -67,17 +72,44 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
         return torch.randperm(len(self.groups), generator=gen).tolist()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        resumed = epoch == self.epoch and self._resume_remaining is not None
         if epoch not in self._batches:
-            if epoch == self.epoch and self._resume_remaining is not None:
-                order = self._resume_remaining
+            if self._resume_remaining is not None and epoch == self.epoch + 1:
+                self.epoch_batches(self.epoch)  # its bridge decides what this epoch lends
+            if resumed:
+                order = list(self._resume_remaining)  # type: ignore[arg-type]
             else:
-                order = self._permutation(epoch)
+                borrowed = self._borrowed.get(epoch, set())
+                order = [i for i in self._permutation(epoch) if i not in borrowed]
             batches = group_batches(order, self.groups, self.total_batch)
+            if resumed:
+                batches += self._bridge(order, batches, epoch)
             if not batches:
                 raise ValueError("no complete global batch: dataset too small for the total batch")
             self._batches = {e: b for e, b in self._batches.items() if e >= epoch - 1}
             self._batches[epoch] = batches
         return self._batches[epoch]
+
+    def _bridge(self, order: list[int], batches: list[list[int]], epoch: int) -> list[list[int]]:
+        """Complete each group's leftover of a regrouped remainder with that group's first images of
+        the next epoch (recorded as borrowed from it).  A group smaller than a batch stays dropped."""
+        used = {i for b in batches for i in b}
+        leftovers: dict[int, list[int]] = {}
+        for idx in order:
+            if idx not in used:
+                leftovers.setdefault(self.groups[idx], []).append(idx)
+        bridges, borrowed = [], self._borrowed.setdefault(epoch + 1, set())
+        following = self._permutation(epoch + 1)
+        pending = set(order)  # prefer images this job does not train on again before the epoch ends
+        following.sort(key=lambda i: i in pending)  # stable: permutation order within each part
+        for group, left in leftovers.items():
+            need = self.total_batch - len(left)
+            fill = [i for i in following if self.groups[i] == group and i not in left and i not in borrowed]
+            fill = fill[:need]
+            if len(fill) == need:
+                bridges.append(left + fill)
+                borrowed.update(fill)
+        return bridges
 
     def __iter__(self) -> Iterator[list[Key]]:
         epoch = self.epoch
@@ -98,8 +130,14 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
         """State once the global batch ``number`` of ``epoch`` has been consumed."""
         batches = self.epoch_batches(epoch)
         if number + 1 >= len(batches):
+            if self._borrowed.get(epoch + 1):  # the next epoch lent images to a bridge batch
+                rest = [i for b in self.epoch_batches(epoch + 1) for i in b]
+                return {"epoch": epoch + 1, "remaining": rest}
             return {"epoch": epoch + 1, "remaining": None}
-        return {"epoch": epoch, "remaining": [i for b in batches[number + 1 :] for i in b]}
+        state: dict[str, Any] = {"epoch": epoch, "remaining": [i for b in batches[number + 1 :] for i in b]}
+        if self._borrowed.get(epoch + 1):  # a bridge batch ahead already used these of the next epoch
+            state["borrowed"] = sorted(self._borrowed[epoch + 1])
+        return state
 
     def initial_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "remaining": self._resume_remaining}
@@ -112,3 +150,4 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
             raise ValueError("sampler state refers to images outside this dataset (different data?)")
         self._resume_remaining = list(remaining) if remaining is not None else None
         self._batches = {}
+        self._borrowed = {self.epoch + 1: {int(i) for i in state.get("borrowed") or []}}

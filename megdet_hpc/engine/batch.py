@@ -22,15 +22,22 @@ class BatchPlan:
 
 
 def plan_batch(
-    world: int, images_per_gpu: int, grad_accum: int, total: int, resuming_from: int | None
+    world: int,
+    images_per_gpu: int,
+    grad_accum: int,
+    total: int,
+    resuming_from: int | None,
+    announce: bool = True,
 ) -> BatchPlan:
     """The batch layout for this job.
 
     Fresh start: the config must be consistent (one-line error otherwise).  Resuming a checkpoint
     written with another world size: keep the checkpoint's total batch by changing gradient
     accumulation, else images per GPU; when neither divides, keep the per-GPU layout and let the
-    linear scaling rule rescale the LR (``LRSchedule.lr`` takes the actual total batch) -- and say so.
+    linear scaling rule rescale the LR (``LRSchedule.lr`` takes the actual total batch) -- and say so,
+    once per job: every rank computes the same plan, only the one with ``announce`` (rank 0) logs it.
     """
+    say = log.warning if announce else log.debug
     plan = BatchPlan(world, images_per_gpu, grad_accum)
     if resuming_from is None:
         if plan.total != total:
@@ -44,7 +51,7 @@ def plan_batch(
         return plan
     if target % (world * images_per_gpu) == 0:
         new = BatchPlan(world, images_per_gpu, target // (world * images_per_gpu))
-        log.warning(
+        say(
             "world size %d: keeping the total batch %d with grad_accum %d (was %d)",
             world,
             target,
@@ -54,7 +61,7 @@ def plan_batch(
         return new
     if target % world == 0:
         new = BatchPlan(world, target // world, 1)
-        log.warning(
+        say(
             "world size %d: keeping the total batch %d with images_per_gpu %d (was %d)",
             world,
             target,
@@ -62,7 +69,7 @@ def plan_batch(
             images_per_gpu,
         )
         return new
-    log.warning(
+    say(
         "world size %d cannot keep the total batch %d; continuing with %d and the LR rescaled "
         "by the linear rule (x%.3f)",
         world,

@@ -1,9 +1,11 @@
 """Training policies as hooks (detectron2's ``engine/hooks.py``), each contributing to the one vote.
 
 Order matters and is the order ``Trainer.build_hooks`` registers them: the stall watchdog's beat
-first (a step's own checkpoint and evaluation count from its end), the non-finite guard (the streak
-must be current before anything is saved), then metrics, preemption (which ends the run), the
-periodic checkpointer and evaluation.
+first (a step's own checkpoint and evaluation count from its end), metrics (so the step a later hook
+ends the run at -- the last skipped one, above all -- still reaches ``metrics.jsonl``), the non-finite
+guard (the streak must be current before anything is saved), preemption (which ends the run), the
+periodic checkpointer and evaluation.  Iterations are numbered as ``metrics.jsonl`` numbers them: the
+first step is iteration 1.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class NonFiniteGuard(HookBase):
             return
         progress.nonfinite_streak += 1
         msg = (
-            f"non-finite loss or gradient at iteration {result.iteration - 1} on at least one rank "
+            f"non-finite loss or gradient at iteration {result.iteration} on at least one rank "
             f"({progress.nonfinite_streak} in a row); step skipped, model unchanged"
         )
         log.error(msg)
@@ -48,8 +50,8 @@ class NonFiniteGuard(HookBase):
 
 
 class MetricsHook(HookBase):
-    """Rank 0's progress bar, ``metrics.jsonl`` + TensorBoard every ``period`` steps, and the training
-    curves (PNG) when the run completes."""
+    """Rank 0's progress bar, ``metrics.jsonl`` + TensorBoard every ``period`` steps and at every
+    skipped (non-finite) step, and the training curves (PNG) when the run completes."""
 
     trainer: Trainer
 
@@ -69,7 +71,8 @@ class MetricsHook(HookBase):
         self._window_images += t.batch.total
         if self._bar is not None:
             self._bar.update(1)
-        if result.iteration % self.period and result.iteration != t.max_iter:
+        on_period = result.iteration % self.period == 0 or result.iteration == t.max_iter
+        if not (on_period or result.skipped):  # every skipped step is recorded: the abort's last one too
             return
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         steps = max(self._window_images / t.batch.total, 1)

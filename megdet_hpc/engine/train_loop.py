@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from megdet_hpc.distributed.lost_peer import shield_teardown
 from megdet_hpc.utils.cli import EXIT_OK
 
 log = logging.getLogger("megdet_hpc.engine")
@@ -100,6 +101,7 @@ class TrainerBase:
     def train(self) -> int:
         """Run to ``max_iter``; returns the exit code (0, or the one a hook stopped with)."""
         code = EXIT_OK
+        failure: BaseException | None = None
         try:
             for hook in self._hooks:
                 hook.before_train()
@@ -115,7 +117,12 @@ class TrainerBase:
                 if str(stop):
                     log.error("%s", stop)
                 code = stop.exit_code
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             for hook in reversed(self._hooks):
                 hook.close()
+            if failure is not None:
+                shield_teardown(failure)
         return code

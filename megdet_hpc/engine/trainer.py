@@ -50,6 +50,7 @@ from megdet_hpc.engine.watchdog import StallWatchdog
 from megdet_hpc.evaluation import evaluate
 from megdet_hpc.launch.slurm import requeue_job
 from megdet_hpc.modeling import build_model, set_sampling_keys
+from megdet_hpc.modeling.fit import load_weights
 from megdet_hpc.solver import LRSchedule, build_optimizer
 from megdet_hpc.utils.cli import EXIT_PREEMPTED
 
@@ -183,6 +184,7 @@ class Trainer(TrainerBase):
             s.grad_accum,
             s.total_batch,
             ckpt["total_batch"] if ckpt else None,
+            announce=self.comm.is_main,
         )
         # The batch layout actually used is part of the resolved config (and of every checkpoint).
         self.cfg = updated(
@@ -194,12 +196,7 @@ class Trainer(TrainerBase):
         )
         validate(self.cfg, self.comm.size)
         if ckpt is not None:
-            try:
-                self.model.load_state_dict(ckpt["model"])
-            except RuntimeError as exc:
-                raise CheckpointError(
-                    f"{path.name}: weights do not fit the model ({str(exc).splitlines()[0]})"
-                ) from exc
+            load_weights(self.model, ckpt["model"], path.name)
         self.model.to(self.device)
         if self.cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -267,8 +264,8 @@ class Trainer(TrainerBase):
         t = self.cfg.train
         return [
             StallWatchdogHook(),
-            NonFiniteGuard(self.cfg.solver.max_nonfinite),
             MetricsHook(t.log_period),
+            NonFiniteGuard(self.cfg.solver.max_nonfinite),
             PreemptionHook(t.requeue_signals),
             PeriodicCheckpointer(t.checkpoint_period, t.checkpoint_minutes),
             EvalHook(t.eval_period, t.eval_at_end, self.cfg.eval.vis_images),
@@ -444,7 +441,7 @@ class Trainer(TrainerBase):
                 self.progress.iteration,
                 self.output_dir,
             )
-            if self.cfg.train.requeue:
+            if self.cfg.train.requeue and self.stop_flag.requeue:
                 requeue_job()
         self.comm.barrier()
         raise StopTraining(EXIT_PREEMPTED)

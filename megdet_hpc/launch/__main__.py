@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -158,12 +157,16 @@ def local_parser() -> ArgumentParser:
 
 
 def _local(a) -> int:  # type: ignore[no-untyped-def]
+    """The job's exit code: the ranks' (0, 2, 3, 4, 5), not the launcher's, and a stop signal to
+    this process becomes a checkpoint (``launch.relay``)."""
+    from megdet_hpc.launch import relay
     from megdet_hpc.launch.local import local_command, local_env
 
     if a.nproc < 1:
         raise LaunchError(f"-np must be >= 1, got {a.nproc}")
     argv = ["-m", "megdet_hpc.train", *(["--config", a.config] if a.config else []), *a.train_args]
-    return subprocess.run(local_command(a.launcher, a.nproc, argv), env=local_env(a.launcher)).returncode
+    command = local_command(a.launcher, a.nproc, argv)
+    return relay.run(command, local_env(a.launcher), a.nproc, marker="megdet_hpc.train")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,10 +123,11 @@ def test_non_finite_loss_is_reported_and_aborts(tiny_config, tmp_path: Path) -> 
         if "non-finite loss or gradient at iteration" in line
     ]
     assert len(bad) >= 2 and bad[1] == bad[0] + 1
-    # The skipped step left the model exactly as it was: checkpoint after it == checkpoint before it.
+    # The skipped step left the model exactly as it was: checkpoint after it == checkpoint before it
+    # (messages number iterations as metrics.jsonl and checkpoint names do: the first step is 1).
     out = tmp_path / "out"
-    before = torch.load(out / f"model_{bad[0]:07d}.pth", weights_only=True)
-    after = torch.load(out / f"model_{bad[0] + 1:07d}.pth", weights_only=True)
+    before = torch.load(out / f"model_{bad[0] - 1:07d}.pth", weights_only=True)
+    after = torch.load(out / f"model_{bad[0]:07d}.pth", weights_only=True)
     assert after["iteration"] == before["iteration"] + 1
     for name, tensor in before["model"].items():
         assert torch.equal(tensor, after["model"][name]), name
