@@ -38,6 +38,7 @@ ITERS = 6
 HOSTS_LINE = "4 rank(s) on 2 host(s): node1: 0,1; node2: 2,3"
 HANG_GUARD = 300  # seconds: far above every bound measured here, far below a wall time
 STALL_S = 30  # train.stall_timeout_s of the fault tests: 10x a step on an idle 2-core machine
+LINK_STALL_S = 10  # the link-down test: below SlurmdTimeout (30 s), after which Slurm requeues the job
 
 
 def write_config(folder: Path, data: Path, group: int = 0, **train: object) -> Path:
@@ -340,7 +341,9 @@ def test_unreachable_node_link_down_job_ends_and_is_requeued(
     """node2's link down mid-training (torch backend, TCP): the ranks on node1 report the collective
     they wait in; Slurm declares node2 down (SlurmdTimeout) and requeues the job."""
     cluster = multinode_cluster
-    cfg = write_config(tmp_path, tiny_data, stall_timeout_s=STALL_S)
+    # The watchdog must speak before Slurm declares node2 down (SlurmdTimeout 30 s) and the requeued
+    # run truncates the job log: a timeout well below it (steps take ~1 s here; the first counts double).
+    cfg = write_config(tmp_path, tiny_data, stall_timeout_s=LINK_STALL_S)
     out = tmp_path / "out"
     sub = sbatch(cluster, job_script(tmp_path), cfg, wait=False, MEGDET_COMM="torch")
     job = sub.stdout.strip().split(";")[0]
@@ -348,13 +351,15 @@ def test_unreachable_node_link_down_job_ends_and_is_requeued(
     before = assert_checkpoints_intact(out)
     cluster.node(2, "link-down")
     t0 = time.monotonic()
+    seen: set[str] = set()  # stall lines, collected while they are in the log
     try:
         deadline = t0 + HANG_GUARD
         while job_field(cluster, job, "Restarts") in ("", "0"):
             assert time.monotonic() < deadline, "the job never ended"
+            seen |= {line for line in job_log(tmp_path).splitlines() if "error: stalled:" in line}
             time.sleep(0.5)
         print(f"link down: job ended (requeued) {time.monotonic() - t0:.1f} s after the link went down")
-        lines = [line for line in job_log(tmp_path).splitlines() if "error: stalled:" in line]
+        lines = sorted(seen)
         node1 = {
             m.group(1) for m in re.finditer(r"rank (\d) of 4 on node1 waits in allreduce", "\n".join(lines))
         }
