@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import REPO, collect, new_figure, savefig, table, write_result
+from common import REPO, collect, new_figure, savefig, table, timing_run, write_result
 
 HERE = Path(__file__).resolve()
 
@@ -24,7 +24,6 @@ def worker() -> None:
     from megdet_hpc.data.synthetic import generate
     from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
-    from megdet_hpc.perf.calibrate import timing_trainer
 
     comm = distributed.init()
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
@@ -39,7 +38,7 @@ def worker() -> None:
         f"data.train_images={data}/train",
         f"data.train_annotations={data}/annotations/instances_train.json",
     ]
-    trainer = timing_trainer(REPO / "configs/megdet_r50_fpn_bs16.yaml", overrides, comm)
+    trainer = timing_run(REPO / "configs/megdet_r50_fpn_bs16.yaml", overrides, comm).trainer
     trainer.run_step()
     comm.counters.reset(keep_log=True)
     trainer.run_step()

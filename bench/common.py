@@ -119,3 +119,16 @@ def layer_module_at(rev: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def timing_run(config: str | Path, overrides: list[str], comm: Any = None) -> Any:
+    """A ``TrainingRun`` ready to time ``run.trainer.run_step``: a fresh temporary output dir, no
+    checkpoints, no evaluation, no TensorBoard (what the benchmarks measure)."""
+    from megdet_hpc import distributed
+    from megdet_hpc.config import load_config
+    from megdet_hpc.engine.defaults import build_run
+    from megdet_hpc.perf.calibrate import TIMING_OVERRIDES
+
+    out = tempfile.mkdtemp(prefix="megdet-timing-")
+    cfg = load_config(config, [*overrides, *TIMING_OVERRIDES, f"train.output_dir={out}"])
+    return build_run(cfg, comm or distributed.init(), resume=False)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, bn_shapes, environment, new_figure, savefig, table, write_result
+from common import REPO, bn_shapes, environment, new_figure, savefig, table, timing_run, write_result
 from torch import nn
 
 HERE = Path(__file__).resolve()
@@ -375,24 +375,23 @@ def steps(sizes: Sizes, device: torch.device) -> tuple[list[dict], list[dict]]:
     from megdet_hpc.data.loader import build_train_loader
     from megdet_hpc.data.prefetch import DevicePrefetcher
     from megdet_hpc.layers import CrossGPUBatchNorm2d
-    from megdet_hpc.perf.calibrate import timing_trainer
 
     data = synthetic_data(sizes.image)
     config = REPO / "configs/megdet_r50_fpn_bs16.yaml"
-    trainers = {"Trainer.run_step": timing_trainer(config, step_overrides(sizes, data))}
-    forced = timing_trainer(config, step_overrides(sizes, data))
-    for m in forced.model.modules():
+    trainers = {"Trainer.run_step": timing_run(config, step_overrides(sizes, data))}
+    forced = timing_run(config, step_overrides(sizes, data))
+    for m in forced.trainer.model.modules():
         if isinstance(m, CrossGPUBatchNorm2d):
             m.force_sync = True
     trainers["Trainer.run_step, CGBN forced"] = forced
-    trainers["Trainer.run_step, nn.BatchNorm2d"] = timing_trainer(
+    trainers["Trainer.run_step, nn.BatchNorm2d"] = timing_run(
         config, step_overrides(sizes, data, "model.norm=bn")
     )
     reference = trainers["Trainer.run_step"]
-    amp = reference.amp_dtype
+    amp = reference.trainer.amp_dtype
 
     def batches() -> DevicePrefetcher:  # the same image stream, through the project's loader
-        loader, _ = build_train_loader(reference.cfg, reference.train_set, 0, 1, device)
+        loader, _ = build_train_loader(reference.cfg, reference.data.train, 0, 1, device)
         return DevicePrefetcher(iter(loader), device)
 
     tv_cfg = load_config(config, step_overrides(sizes, data))
@@ -405,8 +404,8 @@ def steps(sizes: Sizes, device: torch.device) -> tuple[list[dict], list[dict]]:
     ).to(device)
     if tv_cfg.train.channels_last:
         tv = tv.to(memory_format=torch.channels_last)
-    contenders: dict[str, Callable[[], None]] = {name: t.run_step for name, t in trainers.items()}
-    contenders["plain AMP loop, same model"] = plain_loop(reference.model, batches(), amp, device)
+    contenders: dict[str, Callable[[], None]] = {name: t.trainer.run_step for name, t in trainers.items()}
+    contenders["plain AMP loop, same model"] = plain_loop(reference.trainer.model, batches(), amp, device)
     contenders["torchvision fasterrcnn_resnet50_fpn loop"] = plain_loop(tv, batches(), amp, device)
     times = interleaved(contenders, sizes.step_iters, sizes.blocks, sizes.warmup, device)
     memory = {name: peak_memory(fn, device) for name, fn in contenders.items()}
@@ -437,14 +436,14 @@ def steps(sizes: Sizes, device: torch.device) -> tuple[list[dict], list[dict]]:
         variants = dict(list(variants.items())[:2])
     del trainers, forced, contenders
     variant_trainers = {
-        name: timing_trainer(config, step_overrides(sizes, data, *extra)) for name, extra in variants.items()
+        name: timing_run(config, step_overrides(sizes, data, *extra)) for name, extra in variants.items()
     }
 
     def switched(t: Any) -> Callable[[], None]:
         def run() -> None:  # process-wide switches follow the trainer being timed
             torch.backends.cudnn.benchmark = t.cfg.train.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = t.cfg.train.tf32
-            t.run_step()
+            t.trainer.run_step()
 
         return run
 

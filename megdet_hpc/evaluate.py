@@ -27,13 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         from megdet_hpc import distributed
-        from megdet_hpc.checkpoint import Checkpointer, CheckpointError
-        from megdet_hpc.config import architecture_differences, load_config
+        from megdet_hpc.config import load_config
         from megdet_hpc.data.loader import build_val_dataset
-        from megdet_hpc.engine.trainer import device_type, select_device
+        from megdet_hpc.engine.defaults import device_type, select_device
         from megdet_hpc.evaluation import evaluate
-        from megdet_hpc.modeling import build_model
-        from megdet_hpc.modeling.fit import load_weights
+        from megdet_hpc.modeling.fit import model_from_checkpoint
         from megdet_hpc.utils.logger import setup_logging
 
         cfg = load_config(a.config, a.opts)
@@ -41,23 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         comm = distributed.init(device=device_type(cfg))
         setup_logging(comm.rank)
         try:
-            path = Checkpointer(Path(cfg.train.output_dir), comm, background=False).find_valid(a.checkpoint)
-            if path is None:
-                raise CheckpointError(f"no usable checkpoint in {cfg.train.output_dir}")
-            state = Checkpointer(path.parent, comm).load(path)
-            differences = architecture_differences(state.get("config", {}), cfg)
-            if differences:
-                raise CheckpointError(
-                    f"{path.name} was trained with another model ({'; '.join(differences)}); "
-                    "evaluate it with its own config"
-                )
-            model = build_model(cfg)
-            load_weights(model, state["model"], path.name)
+            model, path = model_from_checkpoint(
+                cfg, comm, a.checkpoint, hint="evaluate it with its own config"
+            )
             device = select_device(cfg, comm.local_rank)
             model.to(device)
             out = a.out or Path(cfg.train.output_dir) / "evaluate" / path.stem
             metrics = evaluate(model, dataset, comm, device, out, cfg.eval.max_images)
-            if comm.is_main and metrics is not None:
+            if comm.is_main:
                 scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
                 print(json.dumps({"checkpoint": str(path), "out": str(out), **scalars}))
             return 0

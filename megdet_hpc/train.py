@@ -42,8 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import CheckpointError
+        from megdet_hpc.checkpoint.restore import read_checkpoint
         from megdet_hpc.config import ConfigError, default_config_for, load_config, scale_to_total_batch
-        from megdet_hpc.engine import Trainer
+        from megdet_hpc.engine.defaults import (
+            RESUME_HINT,
+            TrainingData,
+            TrainingRun,
+            configure_process,
+            open_output_dir,
+            select_device,
+        )
+        from megdet_hpc.evaluation import EvaluationInterrupted
         from megdet_hpc.launch.environment import detect
         from megdet_hpc.utils.logger import setup_logging
 
@@ -59,26 +68,41 @@ def main(argv: list[str] | None = None) -> int:
             cfg = scale_to_total_batch(cfg, total)
         comm = distributed.init()
         try:
-            trainer = Trainer(cfg, comm)
-            trainer.open_output_dir(fresh=args.no_resume)
-            setup_logging(comm.rank, Path(cfg.train.output_dir))
-            log = logging.getLogger("megdet_hpc")
-            if comm.is_main and trainer.archived_to is not None:
-                log.warning("--no-resume: moved the previous run's files to %s", trainer.archived_to)
-            if args.config is None and comm.is_main:
-                log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
-            checkpoint = trainer.resume_or_load(resume=not args.no_resume, resume_from=args.resume_from)
-            if args.eval_only:
+            device = select_device(cfg, comm.local_rank)
+            configure_process(cfg, device)
+            data = TrainingData.load(cfg)  # every input checked before anything is written
+            checkpointer, archived_to = open_output_dir(cfg, comm, fresh=args.no_resume)
+            try:
+                setup_logging(comm.rank, Path(cfg.train.output_dir))
+                log = logging.getLogger("megdet_hpc")
+                if comm.is_main and archived_to is not None:
+                    log.warning("--no-resume: moved the previous run's files to %s", archived_to)
+                if args.config is None and comm.is_main:
+                    log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
+                path, state = None, None
+                if not args.no_resume or args.resume_from is not None:
+                    path, state = read_checkpoint(
+                        checkpointer, cfg, args.resume_from, required=False, hint=RESUME_HINT
+                    )
+                if args.eval_only and path is None and not cfg.model.weights:
+                    raise CheckpointError(
+                        f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} "
+                        "and no model.weights)"
+                    )
+                run = TrainingRun.build(cfg, comm, device, data, checkpointer, state)
                 try:
-                    if checkpoint is None and not cfg.model.weights:
-                        raise CheckpointError(
-                            f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} "
-                            "and no model.weights)"
-                        )
-                    return EXIT_OK if trainer.run_eval() is not None else EXIT_PREEMPTED
+                    run.resume_or_load(path, state)
+                    if not args.eval_only:
+                        return run.train()
+                    try:
+                        run.evaluate()
+                    except EvaluationInterrupted:
+                        return EXIT_PREEMPTED
+                    return EXIT_OK
                 finally:
-                    trainer.checkpointer.close()
-            return trainer.train()
+                    run.close()
+            finally:
+                checkpointer.close()
         finally:
             distributed.shutdown()
 

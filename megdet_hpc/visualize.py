@@ -23,24 +23,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
 
     def _run() -> int:
-        from megdet_hpc.checkpoint import Checkpointer, CheckpointError
         from megdet_hpc.config import ConfigError, load_config
         from megdet_hpc.data.loader import build_val_dataset
         from megdet_hpc.distributed.single import SingleProcessComm
-        from megdet_hpc.engine.trainer import select_device
+        from megdet_hpc.engine.defaults import select_device
         from megdet_hpc.evaluation.visualize import draw_predictions
-        from megdet_hpc.modeling import build_model
+        from megdet_hpc.modeling.fit import model_from_checkpoint
 
         if a.num < 1 or not 0 <= a.score <= 1:
             raise ConfigError("--num must be >= 1 and --score in [0, 1]")
         cfg = load_config(a.config, a.opts)
         dataset = build_val_dataset(cfg)
-        comm = SingleProcessComm()
-        path = Checkpointer(Path(cfg.train.output_dir), comm).find_valid(a.checkpoint)
-        if path is None:
-            raise CheckpointError(f"no usable checkpoint in {cfg.train.output_dir}")
-        model = build_model(cfg)
-        model.load_state_dict(Checkpointer(path.parent, comm).load(path)["model"])
+        model, path = model_from_checkpoint(
+            cfg, SingleProcessComm(), a.checkpoint, hint="draw it with its own config"
+        )
         device = select_device(cfg, 0)
         model.to(device)
         out = draw_predictions(model, dataset, device, a.num, a.out, score_threshold=a.score)

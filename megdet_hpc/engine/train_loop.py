@@ -6,14 +6,21 @@ checkpointing, evaluation, metrics and progress, the non-finite guard, preemptio
 One difference from detectron2, and the reason for ``HookBase.vote_flags``: a multi-rank job must
 take every decision on every rank at the same iteration (stop and checkpoint, skip a non-finite step),
 and a collective per decision per step would cost latency on every step.  So each hook contributes
-named booleans before the step, ``run_step`` reduces them together with the loss values and the
-non-finite flag in **one** collective, and the hooks read the agreed values from the ``StepResult``.
+named booleans (``vote_flags``, asked after the step's backward passes, when its gradients are being
+averaged), ``run_step`` reduces them together with the loss values and the non-finite flag in **one**
+collective, and the hooks read the agreed values from the ``StepResult``.
+
+Hooks are given what they need in their constructors (a checkpointer, an evaluation function, a
+metrics writer, ...), not a trainer to reach into: ``self.trainer`` is only the loop (``iteration``,
+``max_iter``, ``completed``).  A hook with state of its own (the non-finite streak) returns it from
+``state_dict`` and the trainer's checkpoint carries it, as detectron2's ``TrainerBase.state_dict`` does.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from megdet_hpc.distributed.lost_peer import shield_teardown
 from megdet_hpc.utils.cli import EXIT_OK
@@ -46,7 +53,8 @@ class StopTraining(Exception):
 
 
 class HookBase:
-    """A training policy.  ``trainer`` is set when the hook is registered."""
+    """A training policy.  ``trainer`` (the loop: ``iteration``, ``max_iter``, ``completed``) is set
+    when the hook is registered."""
 
     trainer: TrainerBase
 
@@ -54,7 +62,8 @@ class HookBase:
         """Once, before the first step."""
 
     def vote_flags(self) -> dict[str, bool]:
-        """Flags this rank raises for the coming step; the step's single collective ORs them over ranks."""
+        """Flags this rank raises in the current step (asked after its backward passes); the step's
+        single collective ORs them over ranks and ``after_step`` reads the agreed values."""
         return {}
 
     def after_step(self, result: StepResult) -> None:
@@ -66,9 +75,16 @@ class HookBase:
     def close(self) -> None:
         """Always, last: release what ``before_train`` acquired."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry for this hook to continue where it stopped (usually nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
 
 class TrainerBase:
-    """A loop over ``run_step`` with hooks; subclasses build the model and implement ``run_step``."""
+    """A loop over ``run_step`` with hooks; subclasses implement ``run_step`` and ``iteration``."""
 
     iteration: int
     max_iter: int
@@ -82,9 +98,23 @@ class TrainerBase:
             hook.trainer = self
             self._hooks.append(hook)
 
-    @property
-    def hooks(self) -> list[HookBase]:
-        return list(self._hooks)
+    def hooks_state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every hook's own state, by class name (hooks without state left out)."""
+        states = {}
+        for hook in self._hooks:
+            state = hook.state_dict()
+            if state:
+                name = type(hook).__qualname__
+                if name in states:
+                    raise RuntimeError(f"two {name} hooks with state: a checkpoint cannot tell them apart")
+                states[name] = state
+        return states
+
+    def load_hooks_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        for hook in self._hooks:
+            state = states.get(type(hook).__qualname__)
+            if state:
+                hook.load_state_dict(state)
 
     def vote_flags(self) -> dict[str, bool]:
         flags: dict[str, bool] = {}

@@ -1,5 +1,11 @@
 """Evaluation: distributed inference, COCO bbox metrics (pycocotools), PR curves and drawings."""
 
-from megdet_hpc.evaluation.coco_eval import METRIC_NAMES, coco_bbox_metrics, evaluate, inference
+from megdet_hpc.evaluation.coco_eval import (
+    METRIC_NAMES,
+    EvaluationInterrupted,
+    coco_bbox_metrics,
+    evaluate,
+    inference,
+)
 
-__all__ = ["METRIC_NAMES", "coco_bbox_metrics", "evaluate", "inference"]
+__all__ = ["METRIC_NAMES", "EvaluationInterrupted", "coco_bbox_metrics", "evaluate", "inference"]

@@ -35,6 +35,10 @@ log = logging.getLogger("megdet_hpc.evaluation")
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
+class EvaluationInterrupted(Exception):
+    """A preemption signal stopped an evaluation between batches (every rank at the same batch)."""
+
+
 @torch.no_grad()
 def inference(
     model: torch.nn.Module,
@@ -177,12 +181,13 @@ def evaluate(
     output_dir: Path | None = None,
     max_images: int = 0,
     should_stop: Callable[[], bool] | None = None,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Inference on every rank, metrics on rank 0, broadcast to all; writes the files listed in the
-    module docstring when ``output_dir`` is given.  None when interrupted."""
+    module docstring when ``output_dir`` is given.  ``EvaluationInterrupted`` when ``should_stop``
+    stopped it."""
     results = inference(model, dataset, comm, device, max_images, should_stop=should_stop)
     if results is None:
-        return None
+        raise EvaluationInterrupted("evaluation interrupted by a signal")
     metrics: dict[str, Any] = {}
     if comm.is_main:
         count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))

@@ -9,12 +9,17 @@ file, [6, 64] in the model``), then missing and unexpected ones -- three of each
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from megdet_hpc.checkpoint.io import CheckpointError
+
+if TYPE_CHECKING:
+    from megdet_hpc.config import Config
+    from megdet_hpc.distributed import Comm
 
 SHOWN = 3
 
@@ -44,12 +49,35 @@ def mismatches(model: nn.Module, state: dict[str, Any]) -> list[str]:
     return parts
 
 
-def load_weights(model: nn.Module, state: dict[str, Any], name: str) -> None:
-    """``model.load_state_dict(state)`` (strict); a one-line ``CheckpointError`` naming the keys."""
+def check_fits(model: nn.Module, state: dict[str, Any], name: str) -> None:
+    """A one-line ``CheckpointError`` naming the keys when ``state`` does not load into ``model``."""
     parts = mismatches(model, state)
     if parts:
         raise CheckpointError(f"{name}: weights do not fit the model: {'; '.join(parts)}")
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], name: str) -> None:
+    """``model.load_state_dict(state)`` (strict); a one-line ``CheckpointError`` naming the keys."""
+    check_fits(model, state, name)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # anything the comparison above cannot see
         raise CheckpointError(f"{name}: weights do not fit the model ({str(exc).splitlines()[0]})") from exc
+
+
+def model_from_checkpoint(
+    cfg: Config, comm: Comm, explicit: Path | None, hint: str = "use its own config"
+) -> tuple[nn.Module, Path]:
+    """Collective.  ``cfg``'s model with the weights of ``explicit`` or of the newest usable checkpoint
+    in ``train.output_dir`` -- read-only (no lock: safe beside a running training).  What evaluate and
+    visualize load; training resumes through the same ``read_checkpoint``."""
+    from megdet_hpc.checkpoint import Checkpointer
+    from megdet_hpc.checkpoint.restore import read_checkpoint
+    from megdet_hpc.modeling.detector import build_model
+
+    checkpointer = Checkpointer(Path(cfg.train.output_dir), comm, background=False)
+    path, state = read_checkpoint(checkpointer, cfg, explicit, required=True, hint=hint)
+    assert path is not None and state is not None
+    model = build_model(cfg)
+    load_weights(model, state["model"], path.name)
+    return model, path

@@ -13,8 +13,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 from megdet_hpc.launch.local import run_and_collect, write_report
 from megdet_hpc.perf.cost_model import Link, Machine
@@ -79,23 +77,22 @@ TIMING_OVERRIDES = [
 ]
 
 
-def timing_trainer(config: str | Path, overrides: list[str], comm: Any = None) -> Any:
-    """A ``Trainer`` ready to time ``run_step``: a fresh temporary output dir, no checkpoints, no
-    evaluation, no TensorBoard (what the calibration and the benchmarks measure)."""
-    from megdet_hpc.config import load_config
-    from megdet_hpc.engine import Trainer
-
-    out = tempfile.mkdtemp(prefix="megdet-timing-")
-    trainer = Trainer(load_config(config, [*overrides, *TIMING_OVERRIDES, f"train.output_dir={out}"]), comm)
-    trainer.resume_or_load(resume=False)
-    return trainer
-
-
 def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
     from megdet_hpc import distributed
+    from megdet_hpc.config import load_config
+    from megdet_hpc.engine.defaults import build_run
 
     comm = distributed.init()
-    trainer = timing_trainer(config, [*overrides, "data.num_workers=0", "train.threads=1"], comm)
+    out = tempfile.mkdtemp(prefix="megdet-timing-")
+    timing = [
+        *overrides,
+        "data.num_workers=0",
+        "train.threads=1",
+        *TIMING_OVERRIDES,
+        f"train.output_dir={out}",
+    ]
+    run = build_run(load_config(config, timing), comm, resume=False)
+    trainer = run.trainer
     times = []
     for i in range(iters + 3):
         comm.barrier()
@@ -112,7 +109,7 @@ def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
                 "images_per_gpu": trainer.batch.images_per_gpu,
             },
         )
-    trainer.checkpointer.close()
+    run.close()
     distributed.shutdown()
 
 

@@ -13,9 +13,11 @@ from megdet_hpc.data.prefetch import DevicePrefetcher
 
 SCRIPT = """
 import sys
-from megdet_hpc.perf.calibrate import timing_trainer
-trainer = timing_trainer(sys.argv[1], ["data.num_workers=2", "solver.max_iter=3"])
-trainer.run_step()
+from megdet_hpc.config import load_config
+from megdet_hpc.distributed.single import SingleProcessComm
+from megdet_hpc.engine.defaults import build_run
+run = build_run(load_config(sys.argv[1], ["data.num_workers=2", "solver.max_iter=3"]), SingleProcessComm())
+run.trainer.run_step()
 print("stepped", flush=True)
 """  # the loader's workers ignore SIGTERM; nothing here shuts them down explicitly
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from megdet_hpc.config import load_config
 from megdet_hpc.distributed.single import SingleProcessComm
-from megdet_hpc.perf.calibrate import timing_trainer
+from megdet_hpc.engine.defaults import build_run
 
 
 def test_gradscaler_overflow_restores_bn_buffers(tiny_config) -> None:
-    trainer = timing_trainer(tiny_config(), ["data.num_workers=0"], SingleProcessComm())
+    run = build_run(load_config(tiny_config(), ["data.num_workers=0"]), SingleProcessComm(), resume=False)
+    trainer = run.trainer
     # AMP's scaler on the CPU (the trainer builds one only on CUDA) and one gradient overflowing, as
     # an fp16 gradient does under too large a scale.
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -30,3 +32,4 @@ def test_gradscaler_overflow_restores_bn_buffers(tiny_config) -> None:
     assert not trainer.run_step().skipped
     moved = trainer.model.state_dict()
     assert any(not torch.equal(before[k], moved[k]) for k in before if "running_mean" in k)
+    run.close()

@@ -38,20 +38,24 @@ def test_checkpoint_written_and_resumed_on_cuda(tiny_config) -> None:
     """The CUDA RNG state, model, optimizer and scaler come back exactly; training continues."""
     from megdet_hpc.checkpoint import load_file
     from megdet_hpc.config import load_config
-    from megdet_hpc.engine import Trainer
+    from megdet_hpc.distributed.single import SingleProcessComm
+    from megdet_hpc.engine import build_run
 
     cfg = load_config(tiny_config(solver={"max_iter": 2, "amp": "fp16"}, **GPU))
-    first = Trainer(cfg)
-    first.resume_or_load(resume=False)
+    first = build_run(cfg, SingleProcessComm(), resume=False)
     assert first.train() == 0
+    first.close()
     saved = load_file(Path(cfg.train.output_dir) / "model_0000002.pth")
     assert "cuda" in saved["rng"][0] and saved["scaler"]
 
-    resumed = Trainer(load_config(tiny_config("more.yaml", solver={"max_iter": 3, "amp": "fp16"}, **GPU)))
-    assert resumed.resume_or_load() is not None and resumed.iteration == 2
+    more = load_config(tiny_config("more.yaml", solver={"max_iter": 3, "amp": "fp16"}, **GPU))
+    run = build_run(more, SingleProcessComm())
+    resumed = run.trainer
+    assert run.resumed_from is not None and resumed.iteration == 2
     state = bytes(torch.cuda.get_rng_state().cpu().numpy().tobytes())
     assert state == saved["rng"][0]["cuda"][torch.cuda.current_device()]
     for name, tensor in resumed.model.state_dict().items():
         assert torch.equal(tensor.cpu(), saved["model"][name]), name
     assert resumed.scaler.state_dict()["scale"] == saved["scaler"]["scale"]
-    assert resumed.train() == 0 and resumed.iteration == 3
+    assert run.train() == 0 and resumed.iteration == 3
+    run.close()
