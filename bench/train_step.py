@@ -2,7 +2,7 @@
 
 ``python bench/train_step.py`` runs, on the demo model (ResNet-18 FPN, 128 px, 2 images per rank, one
 thread per rank, the same synthetic data through the same loader):
-  * N=1, in one process: our step (``Trainer.run_step``: vote, sampling keys, LR, gradient sync) vs the plain
+  * N=1, in one process: our step (``SimpleTrainer.run_step``: vote, sampling keys, LR, gradient sync) vs the plain
     torchvision loop (``model(images, targets)`` -> sum -> backward -> SGD step), interleaved blocks;
   * N=2 under ``horovodrun --mpi`` (Horovod: overlapped DistributedOptimizer, CGBN statistics through
     Horovod) and under ``mpirun`` (mpi backend: mpi4py statistics, in-place gradient allreduce after
@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, collect, new_figure, savefig, summary, table, write_result
+from common import REPO, collect, new_figure, savefig, summary, table, timing_run, write_result
 
 HERE = Path(__file__).resolve()
 
 
 def make_trainer(norm: str, world: int, comm, *extra: str):  # type: ignore[no-untyped-def]
     from megdet_hpc.data.synthetic import generate
-    from megdet_hpc.perf.calibrate import timing_trainer
 
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
     overrides = [
@@ -37,7 +36,7 @@ def make_trainer(norm: str, world: int, comm, *extra: str):  # type: ignore[no-u
         f"data.train_annotations={data}/annotations/instances_train.json",
         *extra,
     ]
-    return timing_trainer(REPO / "configs/demo_cpu.yaml", overrides, comm)
+    return timing_run(REPO / "configs/demo_cpu.yaml", overrides, comm).trainer
 
 
 def worker(iters: int, blocks: int) -> None:
@@ -96,7 +95,7 @@ def worker(iters: int, blocks: int) -> None:
                 "world": comm.size,
                 "comm": comm.name,
                 "stats_comm": distributed.stats_comm().name,
-                "gradient_path": cg.sync.describe() if comm.size > 1 else "",
+                "gradient_path": cg.grad_sync.describe() if comm.size > 1 else "",
                 "s_per_iter": {k: summary(v) for k, v in samples.items()},
             },
         )

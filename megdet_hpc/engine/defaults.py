@@ -140,6 +140,50 @@ def log_placement(comm: Comm) -> None:
         )
 
 
+def build_step(
+    cfg: Config, comm: Comm, device: torch.device, train_set: CocoDetection, batch: BatchPlan
+) -> SimpleTrainer:
+    """Collective (the gradient sync broadcasts rank 0's initial weights).  The step's parts for
+    ``cfg``'s resolved batch layout: the model on ``device`` (seeded: identical on every rank), the
+    gradient sync wrapping the optimizer, the AMP scaler (fp16 on CUDA only), the loader and sampler."""
+    s = cfg.solver
+    rng_state.seed_all(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    grad_sync = make_gradient_sync(
+        comm,
+        model,
+        build_optimizer(cfg, model),
+        accum=batch.grad_accum,
+        fp16_compression=s.fp16_compression,
+        mode=s.grad_sync,
+    )
+    if comm.is_main:
+        log.info(grad_sync.describe())
+    on_cuda = device.type == "cuda"
+    if s.amp != "off" and not on_cuda and comm.is_main:
+        log.warning("solver.amp=%s is for CUDA; training in float32 on %s", s.amp, device)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp) if on_cuda else None
+    loader, sampler = build_train_loader(cfg, train_set, comm.rank, comm.size, device)
+    trainer = SimpleTrainer(
+        model,
+        grad_sync,
+        loader,
+        sampler,
+        LRSchedule.from_config(cfg),
+        comm,
+        batch,
+        s.max_iter,
+        device,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        amp_dtype=amp_dtype,
+        clip_grad_norm=s.clip_grad_norm,
+        sampling_seed=cfg.train.seed,
+    )
+    return trainer
+
+
 # -- the run -------------------------------------------------------------------------------------------
 class TrainingRun:
     """One training run: the step loop (``SimpleTrainer``) with its hooks, and what the hooks were
@@ -208,40 +252,7 @@ class TrainingRun:
             },
         )
         validate(cfg, comm.size)
-        rng_state.seed_all(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg).to(device)
-        if cfg.train.channels_last:
-            model.to(memory_format=torch.channels_last)
-        grad_sync = make_gradient_sync(
-            comm,
-            model,
-            build_optimizer(cfg, model),
-            accum=batch.grad_accum,
-            fp16_compression=s.fp16_compression,
-            mode=s.grad_sync,
-        )
-        if comm.is_main:
-            log.info(grad_sync.describe())
-        on_cuda = device.type == "cuda"
-        if s.amp != "off" and not on_cuda and comm.is_main:
-            log.warning("solver.amp=%s is for CUDA; training in float32 on %s", s.amp, device)
-        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp) if on_cuda else None
-        loader, sampler = build_train_loader(cfg, data.train, comm.rank, comm.size, device)
-        trainer = SimpleTrainer(
-            model,
-            grad_sync,
-            loader,
-            sampler,
-            LRSchedule.from_config(cfg),
-            comm,
-            batch,
-            s.max_iter,
-            device,
-            scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
-            amp_dtype=amp_dtype,
-            clip_grad_norm=s.clip_grad_norm,
-            sampling_seed=cfg.train.seed,
-        )
+        trainer = build_step(cfg, comm, device, data.train, batch)
         metrics = MetricsWriter(checkpointer.folder, comm.is_main, cfg.train.tensorboard)
         watchdog = StallWatchdog(
             cfg.train.stall_timeout_s,

@@ -16,6 +16,7 @@ def summarize(output_dir: Path) -> str:
         raise UserError(f"no metrics.jsonl in {output_dir}")
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     train = [r for r in records if "images_per_s" in r]
+    losses = [r for r in train if "loss" in r]  # a skipped (non-finite) step has none
     evals = [r for r in records if "AP50" in r]
     steady = train[len(train) // 5 :] or train
     ips = sum(r["images_per_s"] for r in steady) / max(len(steady), 1)
@@ -23,7 +24,8 @@ def summarize(output_dir: Path) -> str:
     if train:
         lines.append(
             f"iterations: {train[-1]['iteration']}  images seen: {train[-1]['images_seen']}  "
-            f"throughput: {ips:.2f} images/s  final loss: {train[-1]['loss']:.3f}"
+            f"throughput: {ips:.2f} images/s  final loss: "
+            + (f"{losses[-1]['loss']:.3f}" if losses else "- (every logged step skipped)")
         )
     if evals:
         e = evals[-1]
