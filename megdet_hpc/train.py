@@ -20,8 +20,6 @@ from pathlib import Path
 
 from megdet_hpc.utils.cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, run_cli
 
-DEFAULT_IMAGES_PER_GPU = 2
-
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="megdet_hpc.train", description="Train a MegDet detector")
@@ -44,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from megdet_hpc.checkpoint import CheckpointError
         from megdet_hpc.checkpoint.restore import read_checkpoint
         from megdet_hpc.config import ConfigError, default_config_for, load_config, scale_to_total_batch
+        from megdet_hpc.config.schema import DataConfig
         from megdet_hpc.engine.defaults import (
             RESUME_HINT,
             TrainingData,
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         config = args.config
         total = args.total_batch
         if config is None:
-            total = total or detect().size * DEFAULT_IMAGES_PER_GPU
+            total = total or detect().size * DataConfig().images_per_gpu
             config = str(default_config_for(total))
         cfg = load_config(config, args.opts)
         if total is not None:
