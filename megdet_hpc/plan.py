@@ -4,8 +4,9 @@ The planner: per-iteration time, images/s, scaling efficiency and time-to-train 
 schedule on 1..N GPUs (``megdet_hpc.perf.cost_model``); a table, JSON and a PNG.
 
 * ``--preset h100-ib100`` (default) takes its compute time per image from the measured GPU step in
-  ``--gpu-json`` (default ``bench/results/gpu.json``, written by ``bash bench/gpu.sh``) when that file
-  exists; the preset's typed-in constant otherwise (the output says which).
+  ``--measurements PATH`` (a ``bash bench/gpu.sh`` result, e.g. a checkout's ``bench/results/gpu.json``)
+  when given -- a missing file is an error; the preset's typed-in constant otherwise (the output says
+  which).  The package never looks for a repository of its own.
 * ``--calibrate`` measures this machine with real processes instead: allreduce latency/bandwidth, the
   1-process step of the config, and -- to validate the model -- the real 2-process step, which it
   compares with the prediction.
@@ -13,17 +14,18 @@ schedule on 1..N GPUs (``megdet_hpc.perf.cost_model``); a table, JSON and a PNG.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from megdet_hpc.launch.names import MPIRUN, MULTI_PROCESS_METHODS
 from megdet_hpc.perf.cost_model import PRESETS, Machine, Workload, as_dict, predict
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
 from megdet_hpc.utils.errors import UserError
 
-GPU_JSON = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu.json"
 GPU_PRESETS = ("h100-ib100",)
 
 
@@ -44,10 +46,12 @@ def workload(cfg) -> Workload:  # type: ignore[no-untyped-def]
     )
 
 
-def measured_gpu_compute(path: Path) -> tuple[float, str] | None:
+def measured_gpu_compute(path: Path) -> tuple[float, str]:
     """Seconds per image of the measured ``Trainer`` step in a ``bench/gpu.sh`` result, and its source."""
     if not path.is_file():
-        return None
+        raise UserError(
+            f"--measurements {path} does not exist (a bench/gpu.sh result, e.g. bench/results/gpu.json)"
+        )
     try:
         data = json.loads(path.read_text())
         row = next(r for r in data["step"] if r["contender"] == "Trainer.run_step")
@@ -61,14 +65,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128])
     p.add_argument("--preset", choices=sorted(PRESETS), default="h100-ib100")
-    p.add_argument("--gpu-json", type=Path, default=GPU_JSON, help="measured GPU step (bench/gpu.sh output)")
+    p.add_argument("--measurements", type=Path, help="measured GPU step: a bench/gpu.sh result (gpu.json)")
+    p.add_argument("--gpu-json", dest="measurements", type=Path, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--compute-s-per-image", type=float, help="override the compute time per image")
     p.add_argument("--calibrate", action="store_true", help="measure this machine (real processes)")
     p.add_argument(
         "--launcher",
-        choices=["mpirun", "hvd-mpi", "hvd-gloo", "torchrun"],
-        default="mpirun",
-        help="launcher (and so comm backend) of the calibration runs",
+        choices=MULTI_PROCESS_METHODS,
+        default=MPIRUN,
+        help="launch method (and so comm backend) of the calibration runs, as launch local --launcher",
     )
     p.add_argument("--images-per-gpu", type=int)
     p.add_argument("--out", type=Path, default=Path("plan"))
@@ -94,14 +99,18 @@ def plan(a) -> int:  # type: ignore[no-untyped-def]
         machine, extra = calibrate(a.config, a.opts, cfg.data.images_per_gpu, a.launcher)
     else:
         machine = PRESETS[a.preset]
-        measured = measured_gpu_compute(a.gpu_json) if a.preset in GPU_PRESETS else None
+        measured = None
+        if a.measurements is not None:
+            if a.preset not in GPU_PRESETS:
+                raise UserError(f"--measurements replaces the compute time of {', '.join(GPU_PRESETS)} only")
+            measured = measured_gpu_compute(a.measurements)
         if measured is not None:
             machine = replace(
                 machine,
                 compute_s_per_image=measured[0],
                 name=f"{machine.name} (compute measured: {measured[1]})",
             )
-            extra["compute_source"] = str(a.gpu_json)
+            extra["compute_source"] = str(a.measurements)
         else:
             extra["compute_source"] = "preset constant"
     if a.compute_s_per_image:

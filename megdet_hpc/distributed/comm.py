@@ -21,7 +21,6 @@ CGBN statistics may ride a different transport than the gradients (``MEGDET_CGBN
 from __future__ import annotations
 
 import contextlib
-import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -31,9 +30,10 @@ from typing import Any
 import torch
 
 from megdet_hpc.launch.environment import ClusterEnvironment, detect
+from megdet_hpc.utils import env as settings
 from megdet_hpc.utils.errors import UserError
 
-BACKENDS = ("auto", "horovod", "torch", "mpi", "none")
+BACKENDS = settings.COMM_BACKENDS
 
 
 class CommError(UserError, RuntimeError):
@@ -292,9 +292,9 @@ def init(backend: str | None = None, device: str | None = None) -> Comm:
     global _COMM
     if _COMM is not None:
         return _COMM
+    check_environment()  # a bad MEGDET_* value fails here, not at the first collective
     env = detect()
-    name = resolve_backend(backend or os.environ.get("MEGDET_COMM", "auto"), env)
-    stats_mode()  # a bad MEGDET_CGBN_COMM fails here, not at the first BN layer's forward
+    name = resolve_backend(backend or settings.comm_backend(), env)
     _COMM = make_comm(name, env, device)
     return _COMM
 
@@ -325,15 +325,23 @@ def get() -> Comm:
     return _COMM if _COMM is not None else init()
 
 
-STATS_MODES = ("main", "mpi", "nccl", "torch-gloo")
+STATS_MODES = settings.CGBN_TRANSPORTS
+
+
+def check_environment() -> None:
+    """Every ``MEGDET_*`` variable validated (``utils.env``): a ``CommError`` naming the first bad one."""
+    try:
+        settings.check_all()
+    except settings.EnvError as exc:
+        raise CommError(str(exc)) from exc
 
 
 def stats_mode() -> str:
     """``MEGDET_CGBN_COMM`` validated (one-line error for anything else)."""
-    mode = os.environ.get("MEGDET_CGBN_COMM", "main") or "main"
-    if mode not in STATS_MODES:
-        raise CommError(f"MEGDET_CGBN_COMM={mode!r} is not one of {', '.join(STATS_MODES)}")
-    return mode
+    try:
+        return settings.cgbn_comm()
+    except settings.EnvError as exc:
+        raise CommError(str(exc)) from exc
 
 
 def stats_comm() -> Comm:

@@ -49,7 +49,7 @@ class GradientSync:
     """One coalesced allreduce through ``Comm`` after backward (mpi, none, and the fallback for any backend).
 
     Why not overlap with backward: an MPI rank on a CPU node has no spare core to overlap onto, and
-    nonblocking MPI progresses only inside MPI calls; measured, the post-backward reduction is cheapest.
+    nonblocking MPI progresses only inside MPI calls, so the reduction after backward is the path here.
     """
 
     def __init__(self, comm: Comm, model: nn.Module, optimizer: torch.optim.Optimizer, **_: Any) -> None:
@@ -216,11 +216,12 @@ def make_gradient_sync(
 ) -> GradientSync:
     """The gradient path for ``mode`` (see module docstring and ``solver.grad_sync``).
 
-    ``auto`` takes each backend's fastest path as measured here (demo model, 2 ranks x 1 thread on a
-    2-core machine, s/iter; 1 rank: 0.27-0.29): Horovod overlapped 0.44 vs grouped allreduce after
-    backward 0.49; torch DDP 0.44 vs one flat gloo allreduce 0.46; MPI in place per tensor after
-    backward 0.32 (the old flatten + allreduce + unflatten: 0.39).  MPI has no overlapped path here:
-    nonblocking MPI progresses only inside MPI calls and a CPU rank has no idle core to overlap onto.
+    ``auto``: overlapped for Horovod (``DistributedOptimizer``) and torch (DDP), whose collectives
+    progress on their own threads while backward runs; after backward for mpi, in place per tensor.
+    MPI has no overlapped path here: nonblocking MPI progresses only inside MPI calls and a CPU rank
+    has no idle core to overlap onto.  No committed benchmark compares the paths of one backend
+    (``bench/results/train_step.json`` compares launchers, each on its ``auto`` path); set
+    ``solver.grad_sync`` to measure another.
     """
     # Horovod's optimizer hooks (and broadcast_parameters) refuse non-contiguous, e.g. channels_last,
     # tensors outright; the coalesced path reduces them in place through a flat view.

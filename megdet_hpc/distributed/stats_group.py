@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group
+from megdet_hpc.utils import env as settings
 
 
 class TorchStatsComm(Comm):
@@ -40,7 +41,7 @@ class TorchStatsComm(Comm):
         self.backend = backend
         self._main = main
         self._owns_default = False
-        timeout = timedelta(seconds=float(os.environ.get("MEGDET_COMM_TIMEOUT_S", "600")))
+        timeout = timedelta(seconds=settings.comm_timeout_s())
         if not dist.is_initialized():
             store = self._rendezvous(main, timeout)
             dist.init_process_group(

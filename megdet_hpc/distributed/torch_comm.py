@@ -1,9 +1,11 @@
 """The ``torch`` backend: torch.distributed (gloo on CPU, gloo + nccl when training on CUDA).
 
 Rendezvous comes from the launcher: torchrun's env, or Slurm/OpenMPI variables translated to
-MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).  Under srun the
-master address is the first host of the step's node list (``scontrol show hostnames``), resolved on
-each node -- never 127.0.0.1, which on a second node is that node's own loopback.
+MASTER_ADDR/MASTER_PORT (port derived from the job id so it is stable across requeues).  The master
+address is what the launcher's environment table says (``ClusterEnvironment.master_addr``): under srun
+the first host of the step's node list (``scontrol show hostnames``, or the hostlist parser where
+scontrol is missing), resolved on each node -- never 127.0.0.1, which on a second node is that node's
+own loopback; on one host 127.0.0.1.
 
 The backend follows the *training device*, not the machine: ``train.device=cpu`` on a node with GPUs
 gets gloo (NCCL cannot carry CPU tensors), and a CUDA run gets ``cpu:gloo,cuda:nccl`` so the few CPU
@@ -25,14 +27,14 @@ import torch.distributed as dist
 
 from megdet_hpc.distributed.comm import Comm, Group
 from megdet_hpc.launch.environment import ClusterEnvironment, job_port
-from megdet_hpc.launch.slurm import master_addr
+from megdet_hpc.utils import env as settings
 
 
 def torch_backend(device_type: str | None, override: str | None = None) -> str:
     """The process-group backend for training on ``device_type`` (``cpu``/``cuda``; None: CUDA when
     visible).  ``MEGDET_TORCH_BACKEND`` (or ``override``) wins, e.g. gloo for CUDA tensors of two
     ranks sharing one GPU."""
-    override = override if override is not None else os.environ.get("MEGDET_TORCH_BACKEND")
+    override = override if override is not None else settings.torch_backend()
     if override:
         return override
     if device_type is None:
@@ -49,11 +51,10 @@ class TorchComm(Comm):
         if not dist.is_initialized():
             environ = dict(os.environ)
             if "MASTER_ADDR" not in environ:
-                addr = master_addr(environ) if env.name.startswith("srun") else "127.0.0.1"
-                os.environ["MASTER_ADDR"] = addr
+                os.environ["MASTER_ADDR"] = env.master_addr(environ)  # the launcher's table says how
             os.environ.setdefault("MASTER_PORT", str(job_port(environ)))
             backend = torch_backend(device_type)
-            timeout = timedelta(seconds=float(os.environ.get("MEGDET_COMM_TIMEOUT_S", "600")))
+            timeout = timedelta(seconds=settings.comm_timeout_s())
             dist.init_process_group(
                 backend, rank=env.rank, world_size=env.size, timeout=timeout, init_method="env://"
             )

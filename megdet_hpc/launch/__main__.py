@@ -4,7 +4,11 @@
   through submitit's Slurm executor (``--local``: its local executor), print the job id and logs,
   ``--wait`` to follow it, ``--dry-run`` to print the sbatch script and the training command.
 * ``sbatch``: render an sbatch script from the one template (``--gpus 128 --gpus-per-node 8 ...``).
-* ``local``: run ``python -m megdet_hpc.train`` here under ``horovodrun``/``mpirun``/torchrun.
+* ``local``: run ``python -m megdet_hpc.train`` here under ``horovodrun``/``mpirun``/torchrun
+  (``--launcher``, a launch method of ``launch.names``).
+
+``submitit`` and ``sbatch`` take the same resource flags (``launch.resources``: ``--nodes``/``--gpus``,
+``--time``, ``--signal-lead``, ...), validated by the same rules.
 
 Without ``--config`` the config is chosen like the committed sbatch scripts choose theirs: by the
 total batch (GPUs x images per GPU; 256 -> ``megdet_r50_fpn_bs256.yaml``, else the bs16 baseline with
@@ -20,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from megdet_hpc.launch.sbatch import CONTROL
+from megdet_hpc.launch import names, resources
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
 from megdet_hpc.utils.errors import UserError
 
@@ -33,19 +37,10 @@ class LaunchError(UserError, ValueError):
 
 def submitit_parser() -> ArgumentParser:
     p = ArgumentParser(prog="megdet_hpc.launch", description="Submit MegDet training via submitit")
+    resources.add_arguments(p)
     p.add_argument("--config", help="default: chosen by total batch like slurm/*.sh")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="0 = CPU-only tasks")
-    p.add_argument("--tasks-per-node", type=int, help="default: gpus-per-node (1 if 0)")
     p.add_argument("--images-per-gpu", type=int, help="default: the config's data.images_per_gpu")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--timeout", type=int, default=24 * 60, help="minutes")
-    p.add_argument("--cpus-per-task", type=int, default=8)
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit (USR2)")
-    p.add_argument("--job-name", default="megdet")
     p.add_argument("--folder", type=Path, default=Path("logs/submitit"), help="submitit job folder")
-    p.add_argument("--setup", action="append", default=[], help="shell line run before the job")
     p.add_argument("--local", action="store_true", help="submitit's local executor (no Slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job; exit with its status")
@@ -55,53 +50,27 @@ def submitit_parser() -> ArgumentParser:
 
 def _submitit(a) -> int:  # type: ignore[no-untyped-def]
     from megdet_hpc.config import default_config_for, load_config, scale_to_total_batch
+    from megdet_hpc.config.schema import DataConfig
 
-    tasks = a.tasks_per_node or max(a.gpus_per_node, 1)
-    checks = [
-        (a.nodes >= 1, f"--nodes must be >= 1, got {a.nodes}"),
-        (tasks >= 1, f"--tasks-per-node must be >= 1, got {tasks}"),
-        (a.gpus_per_node >= 0, f"--gpus-per-node must be >= 0, got {a.gpus_per_node}"),
-        (a.timeout >= 1, f"--timeout must be >= 1 minute, got {a.timeout}"),
-        (a.cpus_per_task >= 1, f"--cpus-per-task must be >= 1, got {a.cpus_per_task}"),
-        (a.signal_delay >= 0, f"--signal-delay must be >= 0 seconds, got {a.signal_delay}"),
-        (
-            a.images_per_gpu is None or a.images_per_gpu >= 1,
-            f"--images-per-gpu must be >= 1, got {a.images_per_gpu}",
-        ),
-        (not CONTROL.search(a.job_name), "--job-name contains a control character"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LaunchError(message)
-    world = a.nodes * tasks
+    res = resources.from_arguments(a)
+    resources.check_images_per_gpu(a.images_per_gpu)
+    world = res.tasks
     if a.config:
         config = a.config
     else:
-        config = str(default_config_for(world * (a.images_per_gpu or 2)))
+        config = str(default_config_for(world * (a.images_per_gpu or DataConfig().images_per_gpu)))
     cfg = load_config(config, a.opts)  # validate before submitting anything
     ipg = a.images_per_gpu or cfg.data.images_per_gpu
     total = world * ipg * cfg.solver.grad_accum
-    scale_to_total_batch(cfg, total)
-    from megdet_hpc.launch.submitit_launcher import Resources, TrainJob, follow, make_executor, sbatch_preview
+    cfg = scale_to_total_batch(cfg, total)  # the schedule the job will run (and a bad total fails here)
+    from megdet_hpc.launch.submitit_launcher import TrainJob, follow, make_executor, sbatch_preview
 
-    res = Resources(
-        nodes=a.nodes,
-        gpus_per_node=a.gpus_per_node,
-        tasks_per_node=tasks,
-        timeout_min=a.timeout,
-        cpus_per_task=a.cpus_per_task,
-        signal_delay_s=a.signal_delay,
-        job_name=a.job_name,
-        partition=a.partition,
-        account=a.account,
-        setup=tuple(a.setup),
-    )
     overrides = [*a.opts, f"data.images_per_gpu={ipg}"]
     job = TrainJob(
         str(Path(config).resolve()),
         overrides,
         total_batch=total,
-        env={"OMP_NUM_THREADS": str(max(1, min(a.cpus_per_task, 8)))},
+        env={"OMP_NUM_THREADS": str(max(1, min(res.cpus_per_task, 8)))},
     )
     command = f"python -m megdet_hpc.train {' '.join(job.argv())}"
     summary = f"world size {world} x {ipg} image(s) = total batch {total}; config {config}"
@@ -146,10 +115,8 @@ def _stderr_captured() -> Iterator[_Captured]:
 
 
 def local_parser() -> ArgumentParser:
-    from megdet_hpc.launch.local import LAUNCHERS
-
     p = ArgumentParser(prog="megdet_hpc.launch local", description="Train here under a real launcher")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="hvd-mpi")
+    p.add_argument("--launcher", choices=names.LAUNCH_METHODS, default=names.HVD_MPI, help="launch method")
     p.add_argument("-np", "--nproc", type=int, default=2, help="processes")
     p.add_argument("--config", help="default: chosen by total batch")
     p.add_argument("train_args", nargs="*", help="overrides and flags for megdet_hpc.train")

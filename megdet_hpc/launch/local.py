@@ -19,15 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LAUNCHERS = ("single", "hvd-gloo", "hvd-mpi", "mpirun", "torchrun")
-COMM_OF = {
-    "single": "none",
-    "hvd-gloo": "horovod",
-    "hvd-mpi": "horovod",
-    "mpirun": "mpi",
-    "torchrun": "torch",
-}
-REPORT_DIR = "MEGDET_REPORT_DIR"
+from megdet_hpc.launch.names import COMM_OF, HVD_GLOO, HVD_MPI, LAUNCH_METHODS, MPIRUN, SINGLE, TORCHRUN
+from megdet_hpc.utils import env as settings
+from megdet_hpc.utils.env import REPORT_DIR
 
 
 class LaunchFailed(RuntimeError):
@@ -42,13 +36,14 @@ class LaunchFailed(RuntimeError):
 
 
 def local_command(launcher: str, nproc: int, argv: list[str], python: str | None = None) -> list[str]:
-    """``argv`` are the arguments after ``python`` (a script path or ``-m module``)."""
+    """The command line of launch method ``launcher`` (``launch.names.LAUNCH_METHODS``); ``argv`` are
+    the arguments after ``python`` (a script path or ``-m module``)."""
     py = [python or sys.executable, *argv]
-    if launcher == "single":
+    if launcher == SINGLE:
         return py
-    if launcher == "hvd-gloo":
+    if launcher == HVD_GLOO:
         return ["horovodrun", "-np", str(nproc), "-H", f"localhost:{nproc}", "--gloo", *py]
-    if launcher == "hvd-mpi":
+    if launcher == HVD_MPI:
         mpi_args = "--oversubscribe --allow-run-as-root --bind-to none"
         return [
             "horovodrun",
@@ -60,7 +55,7 @@ def local_command(launcher: str, nproc: int, argv: list[str], python: str | None
             f"--mpi-args={mpi_args}",
             *py,
         ]
-    if launcher == "mpirun":
+    if launcher == MPIRUN:
         return [
             "mpirun",
             "--oversubscribe",
@@ -71,7 +66,7 @@ def local_command(launcher: str, nproc: int, argv: list[str], python: str | None
             str(nproc),
             *py,
         ]
-    if launcher == "torchrun":
+    if launcher == TORCHRUN:
         return [
             python or sys.executable,
             "-m",
@@ -80,7 +75,7 @@ def local_command(launcher: str, nproc: int, argv: list[str], python: str | None
             str(nproc),
             *argv,
         ]
-    raise ValueError(f"unknown launcher {launcher!r}; one of {', '.join(LAUNCHERS)}")
+    raise ValueError(f"unknown launcher {launcher!r}; one of {', '.join(LAUNCH_METHODS)}")
 
 
 def local_env(
@@ -148,10 +143,10 @@ def run_and_collect(
 def write_report(rank: int, payload: dict[str, Any]) -> Path | None:
     """Called by a launched program on every rank that has something to report (no-op when it was
     not started by ``run_and_collect``)."""
-    folder = os.environ.get(REPORT_DIR)
-    if not folder:
+    folder = settings.report_dir()
+    if folder is None:
         return None
-    path = Path(folder) / f"rank{rank}.json"
+    path = folder / f"rank{rank}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload))
     tmp.replace(path)

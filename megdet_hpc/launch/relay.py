@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-EXIT_DIR = "MEGDET_EXIT_DIR"
+from megdet_hpc.utils.env import EXIT_DIR
+
 _RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PASSED_AS_IS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -41,7 +42,8 @@ EXIT_PEER_LOST = 5  # utils.cli's (not imported: this module is loaded by run_cl
 
 
 def record_exit_code(code: int) -> None:
-    """Leave this rank's exit code for the wrapper (no-op outside ``launch local``)."""
+    """Leave this rank's exit code for the wrapper (no-op outside ``launch local``).  Read without
+    validation: this runs on the error path too (``distributed.init`` has checked the value)."""
     folder = os.environ.get(EXIT_DIR)
     if not folder:
         return

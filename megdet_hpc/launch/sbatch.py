@@ -7,89 +7,65 @@ bash reads it and must not contain control characters, so a job name or path wit
 default place): Slurm opens it before the script runs and does not create folders, so a log folder
 that does not exist would lose the log of the whole job.
 
-``python -m megdet_hpc.launch sbatch --gpus 128 --gpus-per-node 8 [...]`` prints or writes one;
-``--regenerate-committed`` rewrites ``slurm/train_{1,8,16,32,64,128}gpu.sh`` (``make slurm-scripts``).
+The job's resources are ``launch.resources.SlurmResources`` -- the same flags, units and validation as
+``launch submitit``.  ``python -m megdet_hpc.launch sbatch --gpus 128 --gpus-per-node 8 [...]`` prints
+or writes one; ``--regenerate-committed`` rewrites ``./slurm/train_{1,8,16,32,64,128}gpu.sh`` of the
+current directory (a checkout: ``make slurm-scripts``) and ``--check-committed`` compares them.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from megdet_hpc.config import default_config_for
+from megdet_hpc.config.schema import DataConfig
+from megdet_hpc.launch import names
+from megdet_hpc.launch import resources as slurm_resources
+from megdet_hpc.launch.resources import CONTROL, ResourceError, SlurmResources
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
-from megdet_hpc.utils.errors import UserError
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-REPO = Path(__file__).resolve().parents[2]
 COMMITTED = (1, 8, 16, 32, 64, 128)
-
-
-class ScriptError(UserError, ValueError):
-    """Invalid generator parameters, with a one-line message."""
+SCRIPTS_DIR = Path("slurm")  # of the current directory: a checkout
+CONFIGS_DIR = Path("configs")  # the scripts name their configs relative to the submission directory
 
 
 @dataclass(frozen=True)
 class SlurmJob:
-    gpus: int
-    gpus_per_node: int = 8
-    images_per_gpu: int = 2
-    config: str = ""
+    resources: SlurmResources = field(default_factory=SlurmResources)
+    images_per_gpu: int = DataConfig().images_per_gpu
+    config: str = ""  # "" = chosen by total batch (config.default_config_for), under configs/
     output_dir: str = ""
-    job_name: str = ""
-    partition: str = ""
-    account: str = ""
-    time: str = "24:00:00"
-    cpus_per_task: int = 8
-    signal: str = "USR2"
-    signal_lead_s: int = 120
-    launcher: str = "srun"  # srun | mpirun
+    step_launcher: str = names.SRUN  # launch.names.STEP_LAUNCHERS
     log_dir: str = ""  # "" = the submission directory; a folder here must exist when sbatch runs
-    setup: tuple[str, ...] = ()  # extra shell lines (module load ..., source venv), written verbatim
 
     def resolved(self) -> SlurmJob:
         """Validated, with defaults filled in (the config by total batch, as ``default_config_for``)."""
-        checks = [
-            (self.gpus >= 1, f"--gpus must be >= 1, got {self.gpus}"),
-            (self.gpus_per_node >= 0, f"--gpus-per-node must be >= 0, got {self.gpus_per_node}"),
-            (self.images_per_gpu >= 1, f"--images-per-gpu must be >= 1, got {self.images_per_gpu}"),
-            (self.cpus_per_task >= 1, f"--cpus-per-task must be >= 1, got {self.cpus_per_task}"),
-            (self.signal_lead_s >= 0, f"--signal-lead must be >= 0 seconds, got {self.signal_lead_s}"),
-            (
-                self.launcher in ("srun", "mpirun"),
-                f"--launcher must be srun or mpirun, got {self.launcher!r}",
-            ),
-            (
-                self.signal.upper().removeprefix("SIG") in ("USR1", "USR2", "TERM"),
-                f"--signal must be USR1, USR2 or TERM, got {self.signal!r}",
-            ),
-            (
-                bool(re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", self.time)),
-                f"--time {self.time!r} is not a Slurm time (e.g. 24:00:00 or 2-00:00:00)",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ScriptError(message)
-        per_node = self.gpus_per_node or self.gpus
-        if self.gpus % per_node and self.gpus > per_node:
-            raise ScriptError(f"--gpus {self.gpus} is not a multiple of --gpus-per-node {per_node}")
-        for name in ("config", "output_dir", "job_name", "partition", "account", "log_dir"):
+        res = self.resources.validate()
+        slurm_resources.check_images_per_gpu(self.images_per_gpu)
+        if self.step_launcher not in names.STEP_LAUNCHERS:
+            raise ResourceError(
+                f"--step-launcher must be {' or '.join(names.STEP_LAUNCHERS)}, got {self.step_launcher!r}"
+            )
+        if res.gpus_per_node and res.tasks_per_node != res.gpus_per_node:
+            raise ResourceError(
+                f"the sbatch template runs one task per GPU: --tasks-per-node {res.tasks_per_node} "
+                f"differs from --gpus-per-node {res.gpus_per_node}"
+            )
+        for name in ("config", "output_dir", "log_dir"):
             if CONTROL.search(getattr(self, name)):
-                raise ScriptError(f"--{name.replace('_', '-')} contains a control character")
-        total = self.gpus * self.images_per_gpu
-        default_config = (
-            "configs/megdet_r50_fpn_bs256.yaml" if total == 256 else "configs/megdet_r50_fpn_bs16.yaml"
-        )
+                raise ResourceError(f"--{name.replace('_', '-')} contains a control character")
+        total = res.tasks * self.images_per_gpu
         return replace(
             self,
-            config=self.config or default_config,
-            output_dir=self.output_dir or f"output/megdet_r50_fpn_{self.gpus}gpu",
-            job_name=self.job_name or f"megdet-{self.gpus}gpu",
-            signal=self.signal.upper().removeprefix("SIG"),
+            resources=res,
+            config=self.config or str(CONFIGS_DIR / default_config_for(total).name),
+            output_dir=self.output_dir or f"output/megdet_r50_fpn_{res.tasks}gpu",
         )
 
 
@@ -100,36 +76,35 @@ def _directive(option: str, value: str) -> str:
 
 def render(job: SlurmJob, header: str = "Generated by python -m megdet_hpc.launch sbatch") -> str:
     j = job.resolved()
-    per_node = min(j.gpus_per_node or j.gpus, j.gpus) if j.gpus_per_node else j.gpus
-    nodes = max(1, j.gpus // per_node)
-    gpu = j.gpus_per_node > 0
-    if j.launcher == "srun":
+    res = j.resources
+    gpu = res.gpus_per_node > 0
+    if j.step_launcher == names.SRUN:
         launch = "srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none"
     else:
         launch = 'mpirun -np "$SLURM_NTASKS" --bind-to none -x LD_LIBRARY_PATH -x PATH -x OMP_NUM_THREADS'
     log = f"{j.log_dir.rstrip('/')}/%x-%j.out" if j.log_dir else "%x-%j.out"
     values = {
         "header": CONTROL.sub(" ", header),
-        "job_name": shlex.quote(j.job_name),
-        "nodes": str(nodes),
-        "tasks_per_node": str(per_node),
-        "cpus_per_task": str(j.cpus_per_task),
+        "job_name": shlex.quote(res.job_name),
+        "nodes": str(res.nodes),
+        "tasks_per_node": str(res.tasks_per_node),
+        "cpus_per_task": str(res.cpus_per_task),
         "gpu_directive": "#SBATCH --gpus-per-task=1\n" if gpu else "",
-        "time": j.time,
-        "partition_directive": _directive("partition", j.partition),
-        "account_directive": _directive("account", j.account),
-        "signal": j.signal,
-        "signal_lead_s": str(j.signal_lead_s),
+        "time": res.time,
+        "partition_directive": _directive("partition", res.partition),
+        "account_directive": _directive("account", res.account),
+        "signal": res.signal,
+        "signal_lead_s": str(res.signal_lead_s),
         "log_pattern": shlex.quote(log),
-        "gpus": str(j.gpus),
-        "gpus_label": f"{nodes} node(s) x {per_node} {'GPU' if gpu else 'CPU task'}(s)",
+        "gpus": str(res.tasks),
+        "gpus_label": f"{res.nodes} node(s) x {res.tasks_per_node} {'GPU' if gpu else 'CPU task'}(s)",
         "images_per_gpu": str(j.images_per_gpu),
-        "total_batch": str(j.gpus * j.images_per_gpu),
-        "script_name": f"train_{j.gpus}gpu.sh",
+        "total_batch": str(res.tasks * j.images_per_gpu),
+        "script_name": f"train_{res.tasks}gpu.sh",
         "config": shlex.quote(j.config),
         "output_dir": shlex.quote(j.output_dir),
-        "omp_threads": str(max(1, min(j.cpus_per_task, 8))),
-        "setup_lines": "\n".join(j.setup) + ("\n" if j.setup else ""),
+        "omp_threads": str(max(1, min(res.cpus_per_task, 8))),
+        "setup_lines": "\n".join(res.setup) + ("\n" if res.setup else ""),
         "launch_line": launch,
     }
     text = resources.files("megdet_hpc.launch").joinpath("templates/train.sbatch.sh.in").read_text()
@@ -137,43 +112,50 @@ def render(job: SlurmJob, header: str = "Generated by python -m megdet_hpc.launc
         text = text.replace("{{" + key + "}}", value)
     leftover = re.search(r"\{\{\w+\}\}", text)
     if leftover:  # pragma: no cover - template/generator mismatch
-        raise ScriptError(f"template placeholder {leftover.group(0)} has no value")
+        raise ResourceError(f"template placeholder {leftover.group(0)} has no value")
     return text
 
 
 def committed_job(gpus: int) -> SlurmJob:
     """The parameters of the committed ``slurm/train_{gpus}gpu.sh`` scripts."""
-    return SlurmJob(gpus=gpus, gpus_per_node=min(8, gpus))
+    return SlurmJob(SlurmResources.for_gpus(gpus, min(8, gpus)))
 
 
 def committed_scripts() -> dict[Path, str]:
+    """The committed scripts by path relative to the current directory, which must be a checkout:
+    ``./slurm`` exists and the configs the scripts name are in ``./configs``."""
+    jobs = {g: committed_job(g).resolved() for g in COMMITTED}
+    if not SCRIPTS_DIR.is_dir():
+        raise ResourceError(f"no ./{SCRIPTS_DIR} here ({Path.cwd()}): run from the repository root")
+    missing = sorted({j.config for j in jobs.values() if not Path(j.config).is_file()})
+    if missing:
+        raise ResourceError(
+            f"the scripts name {', '.join(missing)}, missing here: run from the repository root"
+        )
     return {
-        REPO / "slurm" / f"train_{g}gpu.sh": render(committed_job(g), header=f"train_{g}gpu.sh: {g} GPU(s)")
-        for g in COMMITTED
+        SCRIPTS_DIR / f"train_{g}gpu.sh": render(job, header=f"train_{g}gpu.sh: {g} GPU(s)")
+        for g, job in jobs.items()
     }
 
 
 def build_parser(prog: str = "megdet_hpc.launch sbatch") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Render a MegDet sbatch script")
-    p.add_argument("--gpus", type=int, help="total GPUs (tasks)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="0 = CPU-only tasks")
-    p.add_argument("--images-per-gpu", type=int, default=2)
+    slurm_resources.add_arguments(p)
+    p.add_argument("--images-per-gpu", type=int, default=DataConfig().images_per_gpu)
     p.add_argument("--config", default="", help="default: chosen by total batch (256 -> the bs256 config)")
     p.add_argument("--output-dir", default="")
-    p.add_argument("--job-name", default="")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--time", default="24:00:00")
-    p.add_argument("--cpus-per-task", type=int, default=8)
-    p.add_argument("--signal", default="USR2", help="preemption/time-limit signal (USR2: NCCL may take USR1)")
-    p.add_argument("--signal-lead", type=int, default=120, help="seconds before the time limit")
-    p.add_argument("--launcher", default="srun", choices=["srun", "mpirun"])
+    p.add_argument(
+        "--step-launcher",
+        default=names.SRUN,
+        choices=names.STEP_LAUNCHERS,
+        help="what starts the tasks inside the job",
+    )
+    p.add_argument("--launcher", help=argparse.SUPPRESS)  # the old name of --step-launcher: refused
     p.add_argument("--log-dir", default="", help="folder for the job log (must exist); default: submit dir")
-    p.add_argument("--setup", action="append", default=[], help="extra shell line (repeatable)")
     p.add_argument("--out", type=Path, help="write here instead of stdout (refuses to overwrite)")
     p.add_argument("--force", action="store_true", help="allow --out to overwrite")
-    p.add_argument("--regenerate-committed", action="store_true")
-    p.add_argument("--check-committed", action="store_true", help="exit 1 if slurm/*.sh are stale")
+    p.add_argument("--regenerate-committed", action="store_true", help="rewrite ./slurm/*.sh")
+    p.add_argument("--check-committed", action="store_true", help="exit 1 if ./slurm/*.sh are stale")
     return p
 
 
@@ -183,48 +165,40 @@ def main(argv: list[str] | None = None, prog: str = "megdet_hpc.launch sbatch") 
 
 
 def _main(a, argv: list[str]) -> int:  # type: ignore[no-untyped-def]
+    if a.launcher is not None:
+        raise ResourceError(f"--launcher is now --step-launcher ({' or '.join(names.STEP_LAUNCHERS)})")
     if a.regenerate_committed or a.check_committed:
         scripts = committed_scripts()
         stale = [p for p, text in scripts.items() if not p.exists() or p.read_text() != text]
         if a.check_committed:
             for p in stale:
-                print(f"stale: {p.relative_to(REPO)} (run make slurm-scripts)", file=sys.stderr)
+                print(f"stale: {p} (run make slurm-scripts)", file=sys.stderr)
             return 1 if stale else 0
         for p, text in scripts.items():
-            p.parent.mkdir(exist_ok=True)
             p.write_text(text)
             p.chmod(0o755)
-            print(f"wrote {p.relative_to(REPO)}")
+            print(f"wrote {p}")
         return 0
-    if a.gpus is None:
-        raise ScriptError("--gpus is required")
     if a.config and not Path(a.config).is_file():
-        raise ScriptError(f"--config {a.config} does not exist (paths are relative to where you run sbatch)")
+        raise ResourceError(
+            f"--config {a.config} does not exist (paths are relative to where you run sbatch)"
+        )
     if a.log_dir and a.out is not None and not Path(a.log_dir).is_dir():
-        raise ScriptError(f"--log-dir {a.log_dir} does not exist (Slurm would lose the job's log)")
+        raise ResourceError(f"--log-dir {a.log_dir} does not exist (Slurm would lose the job's log)")
     job = SlurmJob(
-        gpus=a.gpus,
-        gpus_per_node=a.gpus_per_node,
+        slurm_resources.from_arguments(a),
         images_per_gpu=a.images_per_gpu,
         config=a.config,
         output_dir=a.output_dir,
-        job_name=a.job_name,
-        partition=a.partition,
-        account=a.account,
-        time=a.time,
-        cpus_per_task=a.cpus_per_task,
-        signal=a.signal,
-        signal_lead_s=a.signal_lead,
-        launcher=a.launcher,
+        step_launcher=a.step_launcher,
         log_dir=a.log_dir,
-        setup=tuple(a.setup),
     )
     text = render(job, header="Generated by: python -m megdet_hpc.launch sbatch " + " ".join(argv))
     if a.out is None:
         sys.stdout.write(text)
         return 0
     if a.out.exists() and not a.force:
-        raise ScriptError(f"{a.out} exists; pass --force to overwrite")
+        raise ResourceError(f"{a.out} exists; pass --force to overwrite")
     a.out.write_text(text)
     a.out.chmod(0o755)
     print(f"wrote {a.out}")

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import subprocess
 from collections.abc import Mapping
 
+from megdet_hpc.utils.errors import UserError
+
 log = logging.getLogger("megdet_hpc.launch")
+
+
+class SlurmError(UserError, ValueError):
+    """A Slurm value this process cannot use (e.g. a malformed node list), with a one-line message."""
 
 
 def job_id(env: Mapping[str, str] | None = None) -> str | None:
@@ -43,20 +51,83 @@ def requeue_job(env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def parse_hostlist(expression: str) -> list[str]:
+    """The host names of a Slurm hostlist expression, in order (what ``scontrol show hostnames``
+    prints): ``node[01-04,07]`` -> node01..node04, node07; ``a[1-2]b,c`` -> a1b, a2b, c; several
+    bracket groups in one name are a product (``r[1-2]n[1-2]`` -> r1n1, r1n2, r2n1, r2n2).  A range
+    keeps the width of its first number (``[08-10]`` -> 08, 09, 10).  ``ValueError`` when malformed."""
+    hosts: list[str] = []
+    for name in _split_top_level(expression):
+        expanded = [""]
+        for piece in re.split(r"(\[[^\]]*\])", name):  # literal text and bracket groups, in order
+            values = _expand_bracket(piece[1:-1], expression) if piece.startswith("[") else [piece]
+            expanded = [prefix + value for prefix in expanded for value in values]
+        hosts.extend(expanded)
+    return hosts
+
+
+def _split_top_level(expression: str) -> list[str]:
+    """``expression`` split at the commas outside brackets (brackets checked for balance)."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(expression):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(expression[start:i])
+            start = i + 1
+        if depth not in (0, 1):
+            raise ValueError(f"hostlist {expression!r}: unbalanced brackets")
+    names.append(expression[start:])
+    if depth or any(not name for name in names):
+        raise ValueError(f"hostlist {expression!r}: unbalanced brackets or an empty name")
+    return names
+
+
+def _expand_bracket(group: str, expression: str) -> list[str]:
+    values = []
+    for part in group.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise ValueError(f"hostlist {expression!r}: {part!r} is not a number or a range")
+        low, high = match.group(1), match.group(2) or match.group(1)
+        if int(high) < int(low):
+            raise ValueError(f"hostlist {expression!r}: range {part!r} runs backwards")
+        values.extend(f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
+    return values
+
+
+def hostnames(expression: str) -> list[str]:
+    """``scontrol show hostnames`` of ``expression`` where scontrol exists, ``parse_hostlist``
+    otherwise (or when scontrol fails)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", expression],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass
+    return parse_hostlist(expression)
+
+
 def master_addr(env: Mapping[str, str]) -> str:
-    """First host of the Slurm allocation (what mmengine and Lightning use as MASTER_ADDR)."""
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    """First host of the Slurm allocation (what mmengine and Lightning use as MASTER_ADDR): of the
+    step's node list, else the job's; 127.0.0.1 when neither is set."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.split()
-        return out[0] if out else "127.0.0.1"
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return nodelist.split(",")[0]
+        hosts = hostnames(nodelist)
+    except ValueError as exc:
+        raise SlurmError(f"cannot find the master address: {exc}") from exc
+    return hosts[0] if hosts else "127.0.0.1"
 
 
 def job_gone(job: str) -> bool:

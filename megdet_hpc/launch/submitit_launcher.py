@@ -20,6 +20,7 @@ from typing import Any
 
 import submitit
 
+from megdet_hpc.launch.resources import ResourceError, SlurmResources
 from megdet_hpc.launch.slurm import job_gone
 from megdet_hpc.utils.cli import EXIT_OK, EXIT_PREEMPTED
 
@@ -56,61 +57,53 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-@dataclass(frozen=True)
-class Resources:
-    nodes: int
-    gpus_per_node: int
-    tasks_per_node: int
-    timeout_min: int
-    cpus_per_task: int
-    signal_delay_s: int
-    job_name: str
-    partition: str = ""
-    account: str = ""
-    setup: tuple[str, ...] = ()
-
-    def slurm_parameters(self) -> dict[str, Any]:
-        """submitit's SlurmExecutor parameters (also what ``--dry-run`` renders)."""
-        params: dict[str, Any] = {
-            "nodes": self.nodes,
-            "ntasks_per_node": self.tasks_per_node,
-            "cpus_per_task": self.cpus_per_task,
-            "time": self.timeout_min,
-            "job_name": self.job_name,
-            "signal_delay_s": self.signal_delay_s,
-            "setup": list(self.setup),
-            "additional_parameters": {"requeue": True},
-        }
-        if self.gpus_per_node:
-            params["gpus_per_node"] = self.gpus_per_node
-        if self.partition:
-            params["partition"] = self.partition
-        if self.account:
-            params["account"] = self.account
-        return params
+def slurm_parameters(res: SlurmResources) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for ``res`` (also what ``--dry-run`` renders).  submitit
+    always sends USR2 (``SlurmJobEnvironment.USR_SIG``), so other signals are refused."""
+    if res.signal != "USR2":
+        raise ResourceError(
+            f"--signal {res.signal}: submitit always sends USR2 (use launch sbatch for others)"
+        )
+    params: dict[str, Any] = {
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "time": res.time_minutes,
+        "job_name": res.job_name,
+        "signal_delay_s": res.signal_lead_s,
+        "setup": list(res.setup),
+        "additional_parameters": {"requeue": True},
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.partition:
+        params["partition"] = res.partition
+    if res.account:
+        params["account"] = res.account
+    return params
 
 
-def make_executor(folder: Path, local: bool, res: Resources) -> submitit.Executor:
+def make_executor(folder: Path, local: bool, res: SlurmResources) -> submitit.Executor:
     if local:
         executor: submitit.Executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(
-            timeout_min=res.timeout_min,
+            timeout_min=res.time_minutes,
             tasks_per_node=res.tasks_per_node,
             nodes=1,
             gpus_per_node=res.gpus_per_node,
         )
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
-    executor.update_parameters(**res.slurm_parameters())
+    executor.update_parameters(**slurm_parameters(res))
     return executor
 
 
-def sbatch_preview(folder: Path, res: Resources) -> str:
+def sbatch_preview(folder: Path, res: SlurmResources) -> str:
     """The sbatch script submitit would submit (its own renderer)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     return _make_sbatch_string(
-        command="python -u -m submitit.core._submit <folder>", folder=folder, **res.slurm_parameters()
+        command="python -u -m submitit.core._submit <folder>", folder=folder, **slurm_parameters(res)
     )
 
 

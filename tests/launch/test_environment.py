@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from megdet_hpc.launch.environment import LAUNCHERS, detect, job_port
-from megdet_hpc.launch.slurm import job_id
+import shutil
+
+import pytest
+
+from megdet_hpc.launch import names, slurm
+from megdet_hpc.launch.environment import LOOPBACK, TABLES, detect, job_port
+from megdet_hpc.launch.slurm import SlurmError, job_id, master_addr, parse_hostlist
 
 
 def test_detect_launchers() -> None:
@@ -17,7 +22,7 @@ def test_detect_launchers() -> None:
             "HOROVOD_GLOO_RENDEZVOUS_ADDR": "x",
         }
     )
-    assert (hvd.name, hvd.rank, hvd.size, hvd.local_rank) == ("horovodrun-gloo", 1, 4, 1) and not hvd.is_mpi
+    assert (hvd.name, hvd.rank, hvd.size, hvd.local_rank) == ("hvd-gloo", 1, 4, 1) and not hvd.is_mpi
     ompi = detect(
         {
             "OMPI_COMM_WORLD_RANK": "2",
@@ -52,8 +57,88 @@ def test_detect_launchers() -> None:
 
 
 def test_every_table_reads_the_four_fields() -> None:
-    for table in LAUNCHERS:
+    for table in TABLES:
         assert set(table.variables) == {"rank", "size", "local_rank", "local_size"}, table.name
+
+
+def test_one_vocabulary() -> None:
+    """Every table is named in launch.names; a launcher in two lists has one name."""
+    assert tuple(t.name for t in TABLES) + (names.LOCAL,) == names.ENVIRONMENTS
+    assert set(names.COMM_OF) == set(names.LAUNCH_METHODS)
+    shared = set(names.LAUNCH_METHODS) & set(names.ENVIRONMENTS)
+    assert shared == {names.HVD_GLOO, names.MPIRUN, names.TORCHRUN}
+    assert set(names.STEP_LAUNCHERS) <= set(names.ENVIRONMENTS)
+
+
+SLURM_STEP = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}
+
+
+def test_master_address_is_the_tables_business(monkeypatch: pytest.MonkeyPatch) -> None:
+    """srun's tables read the node list; launchers on one host say 127.0.0.1; MASTER_ADDR wins."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no scontrol: the parser
+    step = {**SLURM_STEP, "SLURM_STEP_NODELIST": "node[03-04]", "SLURM_JOB_NODELIST": "node[01-04]"}
+    assert detect(step).master_addr(step) == "node03"
+    assert detect({**step, "PMIX_RANK": "0"}).master_addr({**step, "PMIX_RANK": "0"}) == "node03"
+    job = {**SLURM_STEP, "SLURM_JOB_NODELIST": "gpu-a[7,9]"}
+    assert detect(job).master_addr(job) == "gpu-a7"
+    assert detect(step).master_addr({**step, "MASTER_ADDR": "head"}) == "head"
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert detect(ompi).master_addr(ompi) == LOOPBACK
+    assert detect({}).master_addr({}) == LOOPBACK
+    assert master_addr({}) == LOOPBACK
+    with pytest.raises(SlurmError, match=r"cannot find the master address: hostlist 'n\[1-'"):
+        master_addr({"SLURM_JOB_NODELIST": "n[1-"})
+
+
+def test_master_address_asks_scontrol_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    class Done:
+        stdout = "alpha\nbeta\n"
+
+    def fake_run(command, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(command)
+        return Done()
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    assert master_addr({"SLURM_JOB_NODELIST": "x[1-2]"}) == "alpha"
+    assert calls == [["scontrol", "show", "hostnames", "x[1-2]"]]
+
+
+@pytest.mark.parametrize(
+    ("expression", "hosts"),
+    [
+        ("node1", ["node1"]),
+        ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+        ("a[1-2]b,c", ["a1b", "a2b", "c"]),
+        ("tux[1-3],linux[0-1]", ["tux1", "tux2", "tux3", "linux0", "linux1"]),  # Slurm's hostlist docs
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),  # a range keeps the width of its first number
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+        ("h-1,h-2", ["h-1", "h-2"]),
+        ("n[5]", ["n5"]),
+    ],
+)
+def test_hostlist_expressions(expression: str, hosts: list[str]) -> None:
+    assert parse_hostlist(expression) == hosts
+
+
+@pytest.mark.parametrize("expression", ["n[1-", "n1]", "n[]", "n[a-b]", "n[3-1]", "a,,b", "n[1[2]]", ""])
+def test_malformed_hostlists_are_refused(expression: str) -> None:
+    with pytest.raises(ValueError, match="hostlist"):
+        parse_hostlist(expression)
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs scontrol")
+def test_parser_agrees_with_scontrol() -> None:
+    import subprocess
+
+    expression = "node[01-04,07],a[1-2]b,c,n[8-10]"
+    proc = subprocess.run(["scontrol", "show", "hostnames", expression], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"scontrol needs a Slurm configuration here: {proc.stderr.strip().splitlines()[-1]}")
+    assert parse_hostlist(expression) == proc.stdout.split()
 
 
 def test_job_port_is_stable_per_job() -> None:

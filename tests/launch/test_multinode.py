@@ -30,6 +30,7 @@ from launchers import REPO, run
 from multinode import MultiNodeCluster
 
 from megdet_hpc.checkpoint.io import verify
+from megdet_hpc.launch.resources import SlurmResources
 from megdet_hpc.launch.sbatch import SlurmJob, render
 
 pytestmark = pytest.mark.slurm
@@ -66,14 +67,9 @@ def write_config(folder: Path, data: Path, group: int = 0, **train: object) -> P
 def job_script(folder: Path, launcher: str = "srun") -> Path:
     """The one template, for 2 nodes x 2 (fake) GPUs: ``--nodes=2 --ntasks-per-node=2 --gpus-per-task=1``."""
     job = SlurmJob(
-        gpus=4,
-        gpus_per_node=2,
+        SlurmResources.for_gpus(4, 2, cpus_per_task=1, time="00:15:00", partition="low", signal_lead_s=60),
         images_per_gpu=1,
-        cpus_per_task=1,
-        time="00:15:00",
-        partition="low",
-        signal_lead_s=60,
-        launcher=launcher,
+        step_launcher=launcher,
     )
     path = folder / f"job_{launcher}.sh"
     path.write_text(render(job))
@@ -245,7 +241,7 @@ def test_launch_nodes_2_through_submitit(
     multinode_cluster: MultiNodeCluster, tmp_path: Path, tiny_data: Path, one_node
 ) -> None:
     cfg = write_config(tmp_path, tiny_data)
-    args = "--nodes 2 --gpus-per-node 2 --cpus-per-task 1 --timeout 20 --partition low --wait"
+    args = "--nodes 2 --gpus-per-node 2 --cpus-per-task 1 --time 20 --partition low --wait"
     proc = subprocess.run(
         [sys.executable, "-m", "megdet_hpc.launch", *args.split(), "--folder", str(tmp_path / "sub")]
         + ["--config", str(cfg)],

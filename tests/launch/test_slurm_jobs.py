@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from megdet_hpc.launch.resources import SlurmResources
 from megdet_hpc.launch.sbatch import SlurmJob, render
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,25 +29,19 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cpu_script(tmp_path: Path, name: str = "job.sh", **kw) -> Path:
-    params = {
-        "gpus": 2,
-        "gpus_per_node": 0,
-        "images_per_gpu": 1,
-        "cpus_per_task": 1,
-        "time": "00:15:00",
-        "partition": "low",
-        "signal_lead_s": 60,
-        **kw,
-    }
+def cpu_script(tmp_path: Path, name: str = "job.sh", job_name: str = "", **kw) -> Path:
+    resources = SlurmResources.for_gpus(
+        2, 0, cpus_per_task=1, time="00:15:00", partition="low", signal_lead_s=60, job_name=job_name
+    )
     path = tmp_path / name
-    path.write_text(render(SlurmJob(**params)))  # no logs/ folder needed: the log goes to the submit dir
+    job = SlurmJob(resources, **{"images_per_gpu": 1, **kw})
+    path.write_text(render(job))  # no logs/ folder needed: the log goes to the submit dir
     return path
 
 
 def submitit_command(tmp_path: Path, cfg: Path, timeout_min: int) -> list[str]:
     """``python -m megdet_hpc.launch`` for a 1-node, 2-CPU-task job on the test cluster, followed to its end."""
-    args = f"--nodes 1 --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --timeout {timeout_min} --partition low"
+    args = f"--nodes 1 --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --time {timeout_min} --partition low"
     return [
         sys.executable,
         "-m",
@@ -224,7 +219,7 @@ def test_submitit_local_executor(tiny_config, tmp_path: Path) -> None:
             "0",
             "--tasks-per-node",
             "2",
-            "--timeout",
+            "--time",
             "10",
             "--folder",
             str(tmp_path / "sub"),

@@ -135,27 +135,19 @@ def test_planner_takes_the_measured_gpu_step_when_there_is_one(tmp_path: Path, c
         )
     )
     assert (
-        plan_main(["--config", cfg, "--gpus", "8", "--gpu-json", str(gpu), "--out", str(tmp_path / "m")]) == 0
+        plan_main(["--config", cfg, "--gpus", "8", "--measurements", str(gpu), "--out", str(tmp_path / "m")])
+        == 0
     )
     measured = json.loads((tmp_path / "m/plan.json").read_text())
     assert measured["compute_source"] == str(gpu) and "compute measured: NVIDIA H100" in measured["machine"]
     assert measured["predictions"][0]["compute_s"] == pytest.approx(0.07)
-    assert (
-        plan_main(
-            [
-                "--config",
-                cfg,
-                "--gpus",
-                "8",
-                "--gpu-json",
-                str(tmp_path / "none.json"),
-                "--out",
-                str(tmp_path / "p"),
-            ]
-        )
-        == 0
-    )
+    # No --measurements: the preset's constant, whatever files a checkout holds (none is looked for).
+    assert plan_main(["--config", cfg, "--gpus", "8", "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p/plan.json").read_text())["compute_source"] == "preset constant"
+    capsys.readouterr()
+    missing = tmp_path / "none.json"
+    assert plan_main(["--config", cfg, "--measurements", str(missing), "--out", str(tmp_path / "n")]) == 2
+    assert f"--measurements {missing} does not exist" in capsys.readouterr().err
     gpu.write_text("{}")
-    assert plan_main(["--config", cfg, "--gpu-json", str(gpu), "--out", str(tmp_path / "x")]) == 2
+    assert plan_main(["--config", cfg, "--gpu-json", str(gpu), "--out", str(tmp_path / "x")]) == 2  # old name
     assert "not a bench/gpu.sh result" in capsys.readouterr().err
