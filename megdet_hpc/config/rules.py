@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,6 @@ def rules_of(f: dataclasses.Field) -> tuple[Rule, ...]:
 
 def is_architecture(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("architecture", False))
-
-
-def sections(cfg: Any) -> Iterator[tuple[str, Any]]:
-    """``(name, section)`` of a ``Config``, in declaration order."""
-    for f in dataclasses.fields(cfg):
-        yield f.name, getattr(cfg, f.name)
 
 
 # -- the rules ------------------------------------------------------------------------------------
