@@ -27,11 +27,13 @@ bench: setup
 test-gpu: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m gpu tests
 
-# MegDet's table: batch size x BN size x warmup on the embedded data (~90 min on 2 cores).
+# MegDet's table: batch size x BN size x warmup on the embedded data; runs only those not yet in
+# experiments/results/megdet_table.json (the 8 pending: ~100 min on 2 cores; the 8 recorded took 73 min).
 experiment: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m megdet_hpc.experiments.megdet_table
 
-# AP parity with torchvision's reference detection loop: 2 systems x 3 seeds (~45 min on 2 cores).
+# AP parity with torchvision's reference detection loop: 2 systems x 3 seeds, both systems of a seed
+# at once (~70 min per seed on 2 cores, ~3.5 h in all: experiments/results/parity.md).
 parity: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m megdet_hpc.experiments.parity
 

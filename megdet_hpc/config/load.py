@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import signal
 import typing
 from importlib import resources
 from pathlib import Path
@@ -24,20 +23,12 @@ from typing import Any
 
 import yaml
 
-from megdet_hpc.config.schema import Config
-from megdet_hpc.utils.errors import UserError
+from megdet_hpc.config.batch import BatchPlan
+from megdet_hpc.config.errors import ConfigError
+from megdet_hpc.config.rules import is_architecture, rules_of
+from megdet_hpc.config.schema import Config, ModelConfig
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-NORMS = ("cgbn", "bn", "frozen")
-CGBN_PLACES = ("backbone", "fpn", "box_head")
-CHECKPOINT_PLACES = ("backbone", "fpn")
-GRAD_SYNCS = ("auto", "overlap", "after_backward")
-AMP_MODES = ("off", "fp16", "bf16")
-FPN_LEVELS = 5  # torchvision's ResNet-FPN: 4 stages + the max-pool level, one anchor size each
-
-
-class ConfigError(UserError, ValueError):
-    """An invalid configuration, with a one-line message naming the key."""
+__all__ = ["ConfigError"]  # re-exported: ``from megdet_hpc.config.load import ConfigError`` keeps working
 
 
 # -- YAML with YAML 1.2 scalars -------------------------------------------------------------------
@@ -96,12 +87,16 @@ def resolve_config_path(path: str | Path) -> Path:
     return given
 
 
+def default_config_name(total_batch: int) -> str:
+    """The file name of the config a launch without ``--config`` uses (the rule, in one place): the
+    MegDet 256-image config for a total batch of 256, the 16-image baseline otherwise (its schedule is
+    then rescaled in images to the actual batch)."""
+    return "megdet_r50_fpn_bs256.yaml" if total_batch == 256 else "megdet_r50_fpn_bs16.yaml"
+
+
 def default_config_for(total_batch: int) -> Path:
-    """The config a launch without ``--config`` uses, chosen like the sbatch scripts choose theirs:
-    the MegDet 256-image config for a total batch of 256, the 16-image baseline otherwise (its
-    schedule is then rescaled in images to the actual batch)."""
-    name = "megdet_r50_fpn_bs256.yaml" if total_batch == 256 else "megdet_r50_fpn_bs16.yaml"
-    return bundled_configs() / name
+    """The bundled config of ``default_config_name`` (the package's copy: no checkout needed)."""
+    return bundled_configs() / default_config_name(total_batch)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -180,11 +175,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if isinstance(value, _Raw):
         value = value.text if hint is str else _parse_raw(value, key)
     origin = typing.get_origin(hint)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, list):
+    if origin is tuple:  # a list in YAML and in to_dict, a tuple in the frozen config
+        inner, _ = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
@@ -232,7 +227,12 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts with lists (as YAML and every checkpoint hold them)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def updated(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
@@ -257,116 +257,32 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Every check that needs no data: types are already right, values and combinations are checked.
-    With ``world_size`` also the batch arithmetic of this job."""
-    m, s, d, t, e = cfg.model, cfg.solver, cfg.data, cfg.train, cfg.eval
-    _one_of("model.backbone", m.backbone, BACKBONES)
-    _one_of("model.norm", m.norm, NORMS)
-    for place in m.cgbn_where:
-        _check(place in CGBN_PLACES, f"model.cgbn_where: {place!r} is not one of {', '.join(CGBN_PLACES)}")
-    for place in m.activation_checkpointing:
-        _check(
-            place in CHECKPOINT_PLACES,
-            f"model.activation_checkpointing: {place!r} is not one of {', '.join(CHECKPOINT_PLACES)}",
-        )
+    """Every check that needs no data: types are already right; each key's own rules (declared in
+    the schema), then the rules relating several keys.  With ``world_size`` also the batch arithmetic
+    of this job."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            for rule in rules_of(f):
+                message = rule.error(f"{section.name}.{f.name}", getattr(values, f.name))
+                if message is not None:
+                    raise ConfigError(message)
+    m, s = cfg.model, cfg.solver
     _check(
         not ("box_head" in m.cgbn_where and m.norm == "cgbn" and m.box_head_convs <= 0),
         "model.cgbn_where has box_head but model.box_head_convs is 0 (no norm layers)",
     )
-    positive = {
-        "model.num_classes": m.num_classes,
-        "model.min_size": m.min_size,
-        "model.max_size": m.max_size,
-        "model.rpn_batch_size_per_image": m.rpn_batch_size_per_image,
-        "model.rpn_pre_nms_top_n_train": m.rpn_pre_nms_top_n_train,
-        "model.rpn_post_nms_top_n_train": m.rpn_post_nms_top_n_train,
-        "model.rpn_pre_nms_top_n_test": m.rpn_pre_nms_top_n_test,
-        "model.rpn_post_nms_top_n_test": m.rpn_post_nms_top_n_test,
-        "model.box_batch_size_per_image": m.box_batch_size_per_image,
-        "model.box_head_dim": m.box_head_dim,
-        "model.box_detections_per_img": m.box_detections_per_img,
-        "data.images_per_gpu": d.images_per_gpu,
-        "solver.base_batch": s.base_batch,
-        "solver.total_batch": s.total_batch,
-        "solver.grad_accum": s.grad_accum,
-        "solver.max_iter": s.max_iter,
-        "solver.base_lr": s.base_lr,
-        "solver.gamma": s.gamma,
-        "solver.max_nonfinite": s.max_nonfinite,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.log_period": t.log_period,
-    }
-    for key, value in positive.items():
-        _check(value > 0, f"{key} must be > 0, got {value}")
-    non_negative = {
-        "model.bn_group_size": m.bn_group_size,
-        "model.box_head_convs": m.box_head_convs,
-        "model.roi_sampling_ratio": m.roi_sampling_ratio,
-        "data.num_workers": d.num_workers,
-        "solver.weight_decay": s.weight_decay,
-        "solver.weight_decay_norm": s.weight_decay_norm,
-        "solver.weight_decay_bias": s.weight_decay_bias,
-        "solver.warmup_iters": s.warmup_iters,
-        "solver.clip_grad_norm": s.clip_grad_norm,
-        "train.seed": t.seed,
-        "train.threads": t.threads,
-        "train.checkpoint_period": t.checkpoint_period,
-        "train.checkpoint_minutes": t.checkpoint_minutes,
-        "train.eval_period": t.eval_period,
-        "train.stall_timeout_s": t.stall_timeout_s,
-        "eval.max_images": e.max_images,
-        "eval.vis_images": e.vis_images,
-    }
-    for key, value in non_negative.items():
-        _check(value >= 0, f"{key} must be >= 0, got {value}")
-    _check(0 <= m.trainable_layers <= 5, f"model.trainable_layers must be in 0..5, got {m.trainable_layers}")
     _check(
         m.min_size <= m.max_size,
         f"model.min_size={m.min_size} is larger than model.max_size={m.max_size}",
     )
     _check(
-        len(m.anchor_sizes) == FPN_LEVELS and all(a > 0 for a in m.anchor_sizes),
-        f"model.anchor_sizes needs {FPN_LEVELS} positive sizes (one per FPN level), got {m.anchor_sizes}",
-    )
-    _check(
-        bool(m.aspect_ratios) and all(r > 0 for r in m.aspect_ratios),
-        f"model.aspect_ratios must be positive, got {m.aspect_ratios}",
-    )
-    _check(
-        0 <= m.box_score_thresh <= 1, f"model.box_score_thresh must be in [0, 1], got {m.box_score_thresh}"
-    )
-    _check(0 <= d.flip_prob <= 1, f"data.flip_prob must be in [0, 1], got {d.flip_prob}")
-    _check(0 <= s.momentum < 1, f"solver.momentum must be in [0, 1), got {s.momentum}")
-    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor must be in (0, 1], got {s.warmup_factor}")
-    _check(
-        list(s.steps) == sorted(s.steps) and all(step > 0 for step in s.steps),
-        f"solver.steps must be increasing positive iterations, got {s.steps}",
-    )
-    _one_of("solver.grad_sync", s.grad_sync, GRAD_SYNCS)
-    _one_of("solver.amp", s.amp, AMP_MODES)
-    _check(
         not (s.fp16_compression and s.grad_sync == "after_backward"),
         "solver.fp16_compression needs solver.grad_sync=overlap or auto (Horovod's optimizer)",
     )
-    _check(bool(t.output_dir.strip()), "train.output_dir must not be empty")
-    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
-    for name in t.requeue_signals:
-        _check(
-            isinstance(getattr(signal, name, None), signal.Signals),
-            f"train.requeue_signals: unknown signal {name!r}",
-        )
     if world_size is not None:
-        per_step = world_size * d.images_per_gpu * s.grad_accum
-        _check(
-            per_step == s.total_batch,
-            f"solver.total_batch={s.total_batch} != world size {world_size} x data.images_per_gpu "
-            f"{d.images_per_gpu} x solver.grad_accum {s.grad_accum} = {per_step}",
-        )
+        BatchPlan(world_size, cfg.data.images_per_gpu, s.grad_accum).check(s.total_batch)
         _check(
             not (m.norm == "cgbn" and m.bn_group_size and world_size % m.bn_group_size),
             f"model.bn_group_size={m.bn_group_size} must divide the world size {world_size}",
@@ -403,16 +319,7 @@ def scale_to_total_batch(cfg: Config, total: int) -> Config:
 
 
 # Keys whose change makes a checkpoint's weights unusable (different tensors or shapes).
-ARCHITECTURE_KEYS = (
-    "backbone",
-    "num_classes",
-    "norm",
-    "cgbn_where",
-    "box_head_convs",
-    "box_head_dim",
-    "anchor_sizes",
-    "aspect_ratios",
-)
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if is_architecture(f))
 
 
 def architecture_differences(saved: dict[str, Any], cfg: Config) -> list[str]:

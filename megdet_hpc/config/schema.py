@@ -4,42 +4,74 @@ Why dataclasses and not free-form dicts (mmdet) or yacs (detectron2): every key 
 its type and default, so unknown keys and wrong types are caught on load with a one-line error, and
 the resolved config can be stored in a checkpoint and compared on resume.  Frozen, like detectron2's
 ``cfg.freeze()``: code that needs another value builds a new config (``config.updated``) instead of
-changing one that other parts of the program hold.
+changing one that other parts of the program hold; lists are stored as tuples, so nothing inside
+it changes either (``to_dict`` gives them back as lists: checkpoints and YAML hold plain lists).
+
+Each key's allowed values and bounds are declared here, beside its default (``key(default, *rules)``,
+``rules.py``), and nowhere else: ``validate`` runs them, plus the few rules relating several keys;
+``architecture=True`` marks the keys a checkpoint's weights depend on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megdet_hpc.config.rules import (
+    above,
+    at_least,
+    between,
+    choice,
+    each_choice,
+    increasing_positive,
+    interval,
+    key,
+    not_blank,
+    positive_values,
+    signal_names,
+)
+
+DEFAULT_IMAGES_PER_GPU = 2  # MegDet's (and detectron2's) images per GPU; launchers default to it too
+FPN_LEVELS = 5  # torchvision's ResNet-FPN: 4 stages + the max-pool level, one anchor size each
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    num_classes: int = 80  # foreground classes (background is added)
+    backbone: str = key(
+        "resnet50", choice("resnet18", "resnet34", "resnet50", "resnet101"), architecture=True
+    )
+    num_classes: int = key(80, above(0), architecture=True)  # foreground classes (background is added)
     backbone_weights: str = ""  # local torchvision ResNet state_dict (ImageNet weights) for the body
     weights: str = ""  # local path to full detector weights (state_dict or our checkpoint)
-    norm: str = "cgbn"  # cgbn | bn (per-GPU BatchNorm) | frozen (FrozenBatchNorm2d)
-    cgbn_where: list[str] = field(default_factory=lambda: ["backbone"])  # backbone, fpn, box_head
-    bn_group_size: int = 0  # ranks sharing BN statistics; 0 = all ranks, 1 = local
+    # cgbn | bn (per-GPU BatchNorm) | frozen (FrozenBatchNorm2d)
+    norm: str = key("cgbn", choice("cgbn", "bn", "frozen"), architecture=True)
+    cgbn_where: tuple[str, ...] = key(
+        ("backbone",), each_choice("backbone", "fpn", "box_head"), architecture=True
+    )
+    bn_group_size: int = key(0, at_least(0))  # ranks sharing BN statistics; 0 = all ranks, 1 = local
     cgbn_two_pass: bool = False
     # MegDet's sub-linear memory: recompute these parts in backward (torch.utils.checkpoint).
-    activation_checkpointing: list[str] = field(default_factory=list)  # backbone, fpn
-    trainable_layers: int = 5
-    min_size: int = 800
-    max_size: int = 1333
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_batch_size_per_image: int = 512
-    box_head_dim: int = 1024
-    box_head_convs: int = 0  # >0: conv+norm box head (needed for CGBN in the box head)
-    roi_sampling_ratio: int = 2
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
+    activation_checkpointing: tuple[str, ...] = key((), each_choice("backbone", "fpn"))
+    trainable_layers: int = key(5, between(0, 5))
+    min_size: int = key(800, above(0))
+    max_size: int = key(1333, above(0))
+    anchor_sizes: tuple[int, ...] = key(
+        (32, 64, 128, 256, 512),
+        positive_values(FPN_LEVELS, "sizes (one per FPN level)"),
+        architecture=True,
+    )
+    aspect_ratios: tuple[float, ...] = key((0.5, 1.0, 2.0), positive_values(), architecture=True)
+    rpn_batch_size_per_image: int = key(256, above(0))
+    rpn_pre_nms_top_n_train: int = key(2000, above(0))
+    rpn_post_nms_top_n_train: int = key(2000, above(0))
+    rpn_pre_nms_top_n_test: int = key(1000, above(0))
+    rpn_post_nms_top_n_test: int = key(1000, above(0))
+    box_batch_size_per_image: int = key(512, above(0))
+    box_head_dim: int = key(1024, above(0), architecture=True)
+    # >0: conv+norm box head (needed for CGBN in the box head)
+    box_head_convs: int = key(0, at_least(0), architecture=True)
+    roi_sampling_ratio: int = key(2, at_least(0))
+    box_score_thresh: float = key(0.05, interval(0, 1))
+    box_detections_per_img: int = key(100, above(0))
     deterministic_sampling: bool = True  # RPN/RoI sampling seeded per (step, image)
 
 
@@ -49,69 +81,72 @@ class DataConfig:
     train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
     val_images: str = "datasets/coco/val2017"
     val_annotations: str = "datasets/coco/annotations/instances_val2017.json"
-    images_per_gpu: int = 2
-    num_workers: int = 2
-    flip_prob: float = 0.5
+    images_per_gpu: int = key(DEFAULT_IMAGES_PER_GPU, above(0))
+    num_workers: int = key(2, at_least(0))
+    flip_prob: float = key(0.5, interval(0, 1))
     aspect_ratio_grouping: bool = True
     pin_memory: bool = True  # CUDA only: page-locked batches, copied ahead on a side stream
 
 
 @dataclass(frozen=True)
 class SolverConfig:
-    base_lr: float = 0.02  # LR for base_batch images per step (linear scaling rule)
-    base_batch: int = 16
-    total_batch: int = 16  # images per optimizer step over all ranks
-    grad_accum: int = 1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0
-    weight_decay_bias: float = 1e-4
-    warmup_factor: float = 0.001
-    warmup_iters: int = 500  # at total_batch; converted to images
-    max_iter: int = 90000
-    steps: list[int] = field(default_factory=lambda: [60000, 80000])
-    gamma: float = 0.1
-    clip_grad_norm: float = 0.0  # 0 disables
-    amp: str = "off"  # CUDA only: off | fp16 (with GradScaler) | bf16 (no scaler)
+    base_lr: float = key(0.02, above(0))  # LR for base_batch images per step (linear scaling rule)
+    base_batch: int = key(16, above(0))
+    total_batch: int = key(16, above(0))  # images per optimizer step over all ranks
+    grad_accum: int = key(1, above(0))
+    momentum: float = key(0.9, interval(0, 1, open_high=True))
+    weight_decay: float = key(1e-4, at_least(0))
+    weight_decay_norm: float = key(0.0, at_least(0))
+    weight_decay_bias: float = key(1e-4, at_least(0))
+    warmup_factor: float = key(0.001, interval(0, 1, open_low=True))
+    warmup_iters: int = key(500, at_least(0))  # at total_batch; converted to images
+    max_iter: int = key(90000, above(0))
+    steps: tuple[int, ...] = key((60000, 80000), increasing_positive())
+    gamma: float = key(0.1, above(0))
+    clip_grad_norm: float = key(0.0, at_least(0))  # 0 disables
+    # CUDA only: off | fp16 (with GradScaler) | bf16 (no scaler)
+    amp: str = key("off", choice("off", "fp16", "bf16"))
     fp16_compression: bool = False  # Horovod gradient compression (overlapped path only)
     # How gradients are averaged: "overlap" = during backward (hvd.DistributedOptimizer / DDP hooks),
     # "after_backward" = one coalesced allreduce after the last backward (the only path of the mpi
     # backend), "auto" = the backend's fastest (overlap for horovod/torch, after_backward for mpi).
-    grad_sync: str = "auto"
-    max_nonfinite: int = 3  # consecutive non-finite losses before aborting
+    grad_sync: str = key("auto", choice("auto", "overlap", "after_backward"))
+    max_nonfinite: int = key(3, above(0))  # consecutive non-finite losses before aborting
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = "output/megdet"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch.set_num_threads per rank; 0 = leave
-    log_period: int = 20
-    checkpoint_period: int = 1000  # iterations; 0 disables
-    checkpoint_minutes: float = 0.0  # also every N minutes; 0 disables
-    keep_checkpoints: int = 3
+    output_dir: str = key("output/megdet", not_blank())
+    seed: int = key(0, at_least(0))
+    device: str = key("auto", choice("auto", "cpu", "cuda"))
+    threads: int = key(0, at_least(0))  # torch.set_num_threads per rank; 0 = leave
+    log_period: int = key(20, above(0))
+    checkpoint_period: int = key(1000, at_least(0))  # iterations; 0 disables
+    checkpoint_minutes: float = key(0.0, at_least(0))  # also every N minutes; 0 disables
+    keep_checkpoints: int = key(3, above(0))
     async_checkpoint: bool = True
-    eval_period: int = 0  # iterations; 0 = only at the end
+    eval_period: int = key(0, at_least(0))  # iterations; 0 = only at the end
     eval_at_end: bool = True
     channels_last: bool = False
     cudnn_benchmark: bool = False  # CUDA: autotune conv algorithms per input shape
     tf32: bool = False  # CUDA: TF32 for fp32 matmuls (convolutions use torch's own default)
     deterministic: bool = False  # CUDA: deterministic cuDNN algorithms (exactness tests, debugging)
-    requeue_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    requeue_signals: tuple[str, ...] = key(("SIGUSR1", "SIGUSR2", "SIGTERM"), signal_names())
     requeue: bool = True  # under Slurm, scontrol requeue after a signal checkpoint
     # Seconds without a completed step before every rank reports the collective it waits in and exits
     # with code 5 (a frozen or unreachable peer would otherwise block to the wall time); 0 disables.
     # Far above a real step (MegDet: ~1 s on 8 GPUs; checkpoints included); the first step gets twice
     # (warm-up); evaluations do not count.
-    stall_timeout_s: float = 600.0
+    stall_timeout_s: float = key(600.0, at_least(0))
     tensorboard: bool = True
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_images: int = 0  # 0 = the whole val set
-    vis_images: int = 8  # validation images drawn with predictions after the final evaluation
+    max_images: int = key(0, at_least(0))  # 0 = the whole val set
+    vis_images: int = key(
+        8, at_least(0)
+    )  # validation images drawn with predictions after the final evaluation
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from megdet_hpc.config import Config
+from megdet_hpc.config import BatchPlan, Config
 from megdet_hpc.data.coco import CocoDetection
 from megdet_hpc.data.sampler import ResumableGroupedSampler
 
@@ -61,11 +61,14 @@ def build_val_dataset(cfg: Config) -> CocoDetection:
 def build_train_loader(
     cfg: Config, dataset: CocoDetection, rank: int, world: int, device: torch.device
 ) -> tuple[torch.utils.data.DataLoader, ResumableGroupedSampler]:
-    """The loader of this rank.  The sampler draws one global batch (all ranks, one micro-step) per
-    step; ``cfg`` must hold the job's resolved batch layout."""
+    """The loader of this rank.  The sampler draws one global batch (all ranks, one forward/backward
+    pass: ``grad_accum`` of them make an optimizer step) at a time; ``cfg`` must hold the job's
+    resolved batch layout."""
     sampler = ResumableGroupedSampler(
         dataset.aspect_ratios,
-        cfg.solver.total_batch // cfg.solver.grad_accum,
+        BatchPlan(world, cfg.data.images_per_gpu, cfg.solver.grad_accum)
+        .check(cfg.solver.total_batch)
+        .per_pass,
         rank,
         world,
         seed=cfg.train.seed,

@@ -1,14 +1,16 @@
 """A deterministic, distributed, aspect-ratio-grouped and *resumable* batch sampler.
 
-The unit is the **global batch**: ``total_batch`` image indices per optimizer step, all of one aspect
-group (landscape or portrait, as detectron2's AspectRatioGroupedDataset and torchvision's
-GroupedBatchSampler do), drawn from a permutation seeded by ``(seed, epoch)``.  Rank ``r`` of ``W``
-takes slice ``r`` of every global batch.  Because the global batches do not depend on the world size,
-a job resumed on another GPU count with the same total batch sees exactly the same images per step.
+The unit is the **global batch**: ``images_per_pass`` image indices per forward/backward pass over all
+ranks (world size x images per GPU; ``solver.total_batch`` divided by ``solver.grad_accum``: a step
+with gradient accumulation takes several), all of one aspect group (landscape or portrait, as
+detectron2's AspectRatioGroupedDataset and torchvision's GroupedBatchSampler do), drawn from a
+permutation seeded by ``(seed, epoch)``.  Rank ``r`` of ``W`` takes slice ``r`` of every global batch.
+Because the global batches do not depend on the world size, a job resumed on another GPU count with
+the same images per pass sees exactly the same images per pass.
 
 The state a checkpoint stores is ``{"epoch", "remaining"}``: the indices of the current epoch not yet
 consumed, in order (whole global batches).  Restoring regroups them into batches of the (possibly new)
-total batch.  With another total batch a group's remainder may not fill a last batch (8 images left,
+images per pass.  With another number a group's remainder may not fill a last batch (8 images left,
 batches of 6): that **bridge** batch is completed with the first images of that group in the next
 epoch's permutation, and those images are then left out of the next epoch -- so nothing of the
 current epoch is skipped (it used to be dropped with the incomplete bucket) and nothing is repeated,
@@ -41,25 +43,29 @@ def group_batches(order: Sequence[int], groups: Sequence[int], batch: int) -> li
 
 
 class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
-    """Yields this rank's keys for one optimizer step (``per_rank`` images) at a time, forever."""
+    """Yields this rank's keys for one pass (``per_rank`` images) at a time, forever."""
 
     def __init__(
         self,
         aspect_ratios: Sequence[float],
-        total_batch: int,
+        images_per_pass: int,
         rank: int,
         world_size: int,
         seed: int = 0,
         group_by_aspect: bool = True,
     ) -> None:
-        if total_batch % world_size:
-            raise ValueError(f"total batch {total_batch} is not divisible by the world size {world_size}")
-        if total_batch > len(aspect_ratios):
-            raise ValueError(f"total batch {total_batch} exceeds the dataset size {len(aspect_ratios)}")
+        if images_per_pass % world_size:
+            raise ValueError(
+                f"{images_per_pass} images per pass are not divisible by the world size {world_size}"
+            )
+        if images_per_pass > len(aspect_ratios):
+            raise ValueError(
+                f"{images_per_pass} images per pass exceed the dataset size {len(aspect_ratios)}"
+            )
         self.groups = [int(ar >= 1.0) if group_by_aspect else 0 for ar in aspect_ratios]
-        self.total_batch = total_batch
+        self.images_per_pass = images_per_pass
         self.rank, self.world = rank, world_size
-        self.per_rank = total_batch // world_size
+        self.per_rank = images_per_pass // world_size
         self.seed = seed
         self.epoch = 0
         self._resume_remaining: list[int] | None = None
@@ -81,11 +87,11 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
             else:
                 borrowed = self._borrowed.get(epoch, set())
                 order = [i for i in self._permutation(epoch) if i not in borrowed]
-            batches = group_batches(order, self.groups, self.total_batch)
+            batches = group_batches(order, self.groups, self.images_per_pass)
             if resumed:
                 batches += self._bridge(order, batches, epoch)
             if not batches:
-                raise ValueError("no complete global batch: dataset too small for the total batch")
+                raise ValueError("no complete global batch: dataset too small for the images per pass")
             self._batches = {e: b for e, b in self._batches.items() if e >= epoch - 1}
             self._batches[epoch] = batches
         return self._batches[epoch]
@@ -103,7 +109,7 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
         pending = set(order)  # prefer images this job does not train on again before the epoch ends
         following.sort(key=lambda i: i in pending)  # stable: permutation order within each part
         for group, left in leftovers.items():
-            need = self.total_batch - len(left)
+            need = self.images_per_pass - len(left)
             fill = [i for i in following if self.groups[i] == group and i not in left and i not in borrowed]
             fill = fill[:need]
             if len(fill) == need:
@@ -143,7 +149,7 @@ class ResumableGroupedSampler(torch.utils.data.Sampler[list[Key]]):
         return {"epoch": self.epoch, "remaining": self._resume_remaining}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore before iterating; ``remaining`` is regrouped with this sampler's total batch."""
+        """Restore before iterating; ``remaining`` is regrouped with this sampler's images per pass."""
         self.epoch = int(state["epoch"])
         remaining = state.get("remaining")
         if remaining is not None and any(not 0 <= i < len(self.groups) for i in remaining):

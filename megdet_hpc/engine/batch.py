@@ -1,24 +1,14 @@
-"""Batch arithmetic for a job: world size x images per GPU x accumulation = total batch."""
+"""The batch layout of a job, fresh or resumed on another world size (the rule: ``config.BatchPlan``)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from megdet_hpc.config import ConfigError
+from megdet_hpc.config.batch import BatchPlan
+
+__all__ = ["BatchPlan", "plan_batch"]
 
 log = logging.getLogger("megdet_hpc.engine")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    world: int
-    images_per_gpu: int
-    grad_accum: int
-
-    @property
-    def total(self) -> int:
-        return self.world * self.images_per_gpu * self.grad_accum
 
 
 def plan_batch(
@@ -40,17 +30,12 @@ def plan_batch(
     say = log.warning if announce else log.debug
     plan = BatchPlan(world, images_per_gpu, grad_accum)
     if resuming_from is None:
-        if plan.total != total:
-            raise ConfigError(
-                f"solver.total_batch={total} != world size {world} x data.images_per_gpu {images_per_gpu}"
-                f" x solver.grad_accum {grad_accum} = {plan.total}"
-            )
-        return plan
+        return plan.check(total)
     target = resuming_from
-    if plan.total == target:
+    new = plan.keeping(target)
+    if new == plan:
         return plan
-    if target % (world * images_per_gpu) == 0:
-        new = BatchPlan(world, images_per_gpu, target // (world * images_per_gpu))
+    if new is not None and new.images_per_gpu == images_per_gpu:
         say(
             "world size %d: keeping the total batch %d with grad_accum %d (was %d)",
             world,
@@ -59,8 +44,7 @@ def plan_batch(
             grad_accum,
         )
         return new
-    if target % world == 0:
-        new = BatchPlan(world, target // world, 1)
+    if new is not None:
         say(
             "world size %d: keeping the total batch %d with images_per_gpu %d (was %d)",
             world,

@@ -45,7 +45,6 @@ from typing import Any
 from megdet_hpc.utils.cli import EXIT_NONFINITE, EXIT_OK, ArgumentParser, run_cli
 from megdet_hpc.utils.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
 BASE_LR, BASE_BATCH = 0.01, 4
 WARMUP_ITERS = 200  # at the base batch: 800 images for every run
 
@@ -228,7 +227,7 @@ def execute(
     )
     start = time.perf_counter()
     with open(folder / "stdout.log", "a") as log:
-        code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     state["wall_s"] = state.get("wall_s", 0.0) + time.perf_counter() - start
     state["exit_code"] = code
     state["status"] = "done" if code == EXIT_OK else "diverged" if code == EXIT_NONFINITE else "failed"
@@ -521,19 +520,25 @@ def main(argv: list[str] | None = None) -> int:
         "--base-lr", type=float, default=BASE_LR, help=f"LR at batch {BASE_BATCH}, scaled linearly"
     )
     p.add_argument("--out", type=Path, default=Path("output/experiments/megdet_table"), help="run folders")
-    p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="table and plots")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=Path("experiments/results"),
+        help="table and plots (default: experiments/results under the current directory)",
+    )
     p.add_argument("--only", nargs="*", default=[], help="run names to (re)run; default: all not yet run")
     p.add_argument("--data", type=Path, default=Path("datasets/synthetic"))
     p.add_argument("--report-only", action="store_true", help="write the table and plots, train nothing")
     a = p.parse(argv)
 
     def _run() -> int:
+        from megdet_hpc.config import bundled_configs
         from megdet_hpc.data.synthetic import generate
 
         if a.images < 16 * 10:
             raise UserError("--images must be >= 160 (10 steps of the largest batch)")
         data = a.data.resolve() if a.report_only else generate(a.data.resolve(), 400, 100, 128, 0)
-        config = REPO / "configs" / "demo_cpu.yaml"
+        config = bundled_configs() / "demo_cpu.yaml"  # the package's copy: no checkout needed
         return run_table(
             RUNS, a.images, a.out.resolve(), a.results, data, config, a.base_lr, tuple(a.only), a.report_only
         )

@@ -671,7 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--threads", type=int, default=2, help="torch threads of the one reference process")
     p.add_argument("--out", type=Path, default=Path("output/experiments/parity"), help="run folders")
-    p.add_argument("--results", type=Path, default=Path("experiments/results"), help="table and plot")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=Path("experiments/results"),
+        help="table and plot (default: experiments/results under the current directory)",
+    )
     p.add_argument("--data", type=Path, default=Path("datasets/synthetic_parity"))
     p.add_argument("--config", type=Path, help="detector config (default: the bundled demo_cpu.yaml)")
     p.add_argument(
@@ -685,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
 
     def _run() -> int:
-        from megdet_hpc.config import load_config
-        from megdet_hpc.config.load import bundled_configs
+        from megdet_hpc.config import bundled_configs, load_config
         from megdet_hpc.data.coco import CocoDetection
         from megdet_hpc.data.synthetic import generate
 

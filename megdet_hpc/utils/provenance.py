@@ -9,20 +9,21 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def git_commit(repo: Path = REPO) -> str:
-    """HEAD of the checkout (``+dirty`` with uncommitted changes to tracked files); "unknown" outside one."""
+def git_commit(where: str | Path | None = None) -> str:
+    """HEAD of the git checkout holding ``where`` (default: the current directory), ``+dirty`` with
+    uncommitted changes to tracked files; "unknown" outside a checkout or without git.  The installed
+    package does not know where a repository is: the tools run from one (``make experiment``)."""
     try:
+        cwd = Path(where) if where is not None else Path.cwd()
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=10,
@@ -32,12 +33,13 @@ def git_commit(repo: Path = REPO) -> str:
         return "unknown"
 
 
-def environment() -> dict[str, Any]:
+def environment(where: str | Path | None = None) -> dict[str, Any]:
+    """Commit (of the checkout holding ``where``, default the current directory), host, versions."""
     import torch
     import torchvision
 
     env: dict[str, Any] = {
-        "commit": git_commit(),
+        "commit": git_commit(where),
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

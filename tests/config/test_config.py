@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,8 @@ def test_overrides_are_typed() -> None:
     cfg = load_config(None, ["solver.base_lr=1", "model.cgbn_where=[backbone,fpn]", "solver.steps=[1,2]"])
     assert (
         cfg.solver.base_lr == 1.0
-        and cfg.model.cgbn_where == ["backbone", "fpn"]
-        and cfg.solver.steps == [1, 2]
+        and cfg.model.cgbn_where == ("backbone", "fpn")
+        and cfg.solver.steps == (1, 2)
     )
 
 
@@ -61,8 +62,6 @@ def test_yaml_scalars_follow_yaml_1_2(tmp_path: Path) -> None:
 
 
 def test_the_config_is_frozen_and_updated_by_copy() -> None:
-    import dataclasses
-
     from megdet_hpc.config import updated
 
     cfg = load_config(None)
@@ -72,6 +71,47 @@ def test_the_config_is_frozen_and_updated_by_copy() -> None:
     assert (new.solver.max_iter, cfg.solver.max_iter) == (3, 90000)
     with pytest.raises(ConfigError, match="solver.max_iter must be > 0"):
         updated(cfg, {"solver": {"max_iter": 0}})
+
+
+def test_the_config_is_immutable_inside_and_its_dict_holds_lists() -> None:
+    """Lists are tuples in the config (a frozen dataclass does not freeze a list it holds); YAML,
+    overrides, ``updated`` and ``to_dict`` (so checkpoints) keep plain lists."""
+    from megdet_hpc.config import from_dict, to_dict, updated
+
+    cfg = load_config(None, ["model.cgbn_where=[backbone,fpn]", "train.requeue_signals=[SIGTERM]"])
+    hash(cfg)  # nothing mutable anywhere inside
+    with pytest.raises(AttributeError):
+        cfg.train.requeue_signals.append("SIGINT")  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        cfg.model.anchor_sizes[0] = 8  # type: ignore[index]
+    assert cfg.model.cgbn_where == ("backbone", "fpn") and cfg.train.requeue_signals == ("SIGTERM",)
+    data = to_dict(cfg)
+    assert data["model"]["cgbn_where"] == ["backbone", "fpn"]
+    assert data["model"]["anchor_sizes"] == [32, 64, 128, 256, 512]
+    assert data["solver"]["steps"] == [60000, 80000] and data["train"]["requeue_signals"] == ["SIGTERM"]
+    assert from_dict(data) == cfg
+    new = updated(cfg, {"model": {"aspect_ratios": [1.0, 2.0]}})
+    assert new.model.aspect_ratios == (1.0, 2.0) and to_dict(new)["model"]["aspect_ratios"] == [1.0, 2.0]
+
+
+def test_each_key_is_declared_once_in_the_schema() -> None:
+    """validate and the architecture keys are read from the schema's field declarations."""
+    from megdet_hpc.config import ARCHITECTURE_KEYS
+    from megdet_hpc.config.rules import rules_of
+    from megdet_hpc.config.schema import SolverConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SolverConfig)}
+    assert rules_of(fields["amp"])[0].allowed == ("off", "fp16", "bf16")
+    assert set(ARCHITECTURE_KEYS) == {
+        "backbone",
+        "num_classes",
+        "norm",
+        "cgbn_where",
+        "box_head_convs",
+        "box_head_dim",
+        "anchor_sizes",
+        "aspect_ratios",
+    }
 
 
 @pytest.mark.parametrize(
@@ -114,8 +154,16 @@ def test_bad_values_raise_one_line_errors(overrides: list[str], message: str) ->
 
 
 def test_batch_arithmetic_is_checked_on_a_fresh_start() -> None:
-    with pytest.raises(ConfigError, match=r"solver.total_batch=16 != world size 4 x data.images_per_gpu 2"):
+    """One rule (``BatchPlan.check``) for plan_batch and validate, one message."""
+    from megdet_hpc.config import BatchPlan, validate
+
+    message = r"solver.total_batch=16 != world size 4 x data.images_per_gpu 2 x solver.grad_accum 1 = 8"
+    with pytest.raises(ConfigError, match=message):
         plan_batch(4, 2, 1, 16, None)
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None), 4)
+    validate(load_config(None), 8)
+    assert BatchPlan(4, 2, 2).check(16).per_pass == 8
 
 
 def test_resume_on_another_world_size_keeps_the_total_batch() -> None:
