@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import CheckpointError
         from megdet_hpc.checkpoint.restore import read_checkpoint
-        from megdet_hpc.config import ConfigError, default_config_for, load_config, scale_to_total_batch
-        from megdet_hpc.config.schema import DataConfig
+        from megdet_hpc.config import (
+            DEFAULT_IMAGES_PER_GPU,
+            ConfigError,
+            default_config_for,
+            load_config,
+            scale_to_total_batch,
+        )
         from megdet_hpc.engine.defaults import (
             RESUME_HINT,
             TrainingData,
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         config = args.config
         total = args.total_batch
         if config is None:
-            total = total or detect().size * DataConfig().images_per_gpu
+            total = total or detect().size * DEFAULT_IMAGES_PER_GPU
             config = str(default_config_for(total))
         cfg = load_config(config, args.opts)
         if total is not None:

@@ -49,8 +49,13 @@ def submitit_parser() -> ArgumentParser:
 
 
 def _submitit(a) -> int:  # type: ignore[no-untyped-def]
-    from megdet_hpc.config import default_config_for, load_config, scale_to_total_batch
-    from megdet_hpc.config.schema import DataConfig
+    from megdet_hpc.config import (
+        DEFAULT_IMAGES_PER_GPU,
+        BatchPlan,
+        default_config_for,
+        load_config,
+        scale_to_total_batch,
+    )
 
     res = resources.from_arguments(a)
     resources.check_images_per_gpu(a.images_per_gpu)
@@ -58,7 +63,7 @@ def _submitit(a) -> int:  # type: ignore[no-untyped-def]
     if a.config:
         config = a.config
     else:
-        config = str(default_config_for(world * (a.images_per_gpu or DataConfig().images_per_gpu)))
+        config = str(default_config_for(BatchPlan(world, a.images_per_gpu or DEFAULT_IMAGES_PER_GPU).total))
     cfg = load_config(config, a.opts)  # validate before submitting anything
     ipg = a.images_per_gpu or cfg.data.images_per_gpu
     total = world * ipg * cfg.solver.grad_accum

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from megdet_hpc.config import default_config_for
-from megdet_hpc.config.schema import DataConfig
+from megdet_hpc.config import DEFAULT_IMAGES_PER_GPU, BatchPlan, default_config_for
 from megdet_hpc.launch import names
 from megdet_hpc.launch import resources as slurm_resources
 from megdet_hpc.launch.resources import CONTROL, ResourceError, SlurmResources
@@ -38,7 +37,7 @@ CONFIGS_DIR = Path("configs")  # the scripts name their configs relative to the 
 @dataclass(frozen=True)
 class SlurmJob:
     resources: SlurmResources = field(default_factory=SlurmResources)
-    images_per_gpu: int = DataConfig().images_per_gpu
+    images_per_gpu: int = DEFAULT_IMAGES_PER_GPU
     config: str = ""  # "" = chosen by total batch (config.default_config_for), under configs/
     output_dir: str = ""
     step_launcher: str = names.SRUN  # launch.names.STEP_LAUNCHERS
@@ -60,7 +59,7 @@ class SlurmJob:
         for name in ("config", "output_dir", "log_dir"):
             if CONTROL.search(getattr(self, name)):
                 raise ResourceError(f"--{name.replace('_', '-')} contains a control character")
-        total = res.tasks * self.images_per_gpu
+        total = BatchPlan(res.tasks, self.images_per_gpu).total
         return replace(
             self,
             resources=res,
@@ -141,7 +140,7 @@ def committed_scripts() -> dict[Path, str]:
 def build_parser(prog: str = "megdet_hpc.launch sbatch") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Render a MegDet sbatch script")
     slurm_resources.add_arguments(p)
-    p.add_argument("--images-per-gpu", type=int, default=DataConfig().images_per_gpu)
+    p.add_argument("--images-per-gpu", type=int, default=DEFAULT_IMAGES_PER_GPU)
     p.add_argument("--config", default="", help="default: chosen by total batch (256 -> the bs256 config)")
     p.add_argument("--output-dir", default="")
     p.add_argument(
