@@ -126,9 +126,11 @@ def timing_run(config: str | Path, overrides: list[str], comm: Any = None) -> An
     checkpoints, no evaluation, no TensorBoard (what the benchmarks measure)."""
     from megdet_hpc import distributed
     from megdet_hpc.config import load_config
-    from megdet_hpc.engine.defaults import build_run
+    from megdet_hpc.engine.defaults import build_run, configure_process
     from megdet_hpc.perf.calibrate import TIMING_OVERRIDES
 
     out = tempfile.mkdtemp(prefix="megdet-timing-")
     cfg = load_config(config, [*overrides, *TIMING_OVERRIDES, f"train.output_dir={out}"])
-    return build_run(cfg, comm or distributed.init(), resume=False)
+    run = build_run(cfg, comm or distributed.init(), resume=False)
+    configure_process(run.cfg, run.device)  # what training would set (a benchmark may switch per contender)
+    return run

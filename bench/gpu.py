@@ -12,7 +12,7 @@ Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.j
 * ``two_ranks``: 2 ranks sharing the GPU over the same transport (torch gloo): the 53 layers with CGBN
   vs ``torch.nn.SyncBatchNorm``.  Target: CGBN no slower.
 * ``step``: Faster R-CNN R50-FPN training step, AMP, 2 images of 800 px, the project's loader:
-  ``Trainer.run_step`` vs a plain AMP loop on the same model and data vs torchvision's
+  ``SimpleTrainer.run_step`` vs a plain AMP loop on the same model and data vs torchvision's
   ``fasterrcnn_resnet50_fpn`` plain loop, and the step with CGBN forced vs plain BN; images/s and peak
   memory.  Targets: run_step >= 1.0x both loops; CGBN forced <= 1.08x BN.  (Needs pycocotools for the
   loader: importable, or installed by ``bench/gpu.sh`` from ``$WHEELS``; otherwise skipped and said.)
@@ -245,14 +245,14 @@ def check_targets(result: dict[str, Any]) -> dict[str, bool | None]:
         targets["2 ranks: CGBN no slower than torch.nn.SyncBatchNorm"] = two["CGBN"]["vs_syncbn"] <= 1.0
     step = {r["contender"]: r for r in result.get("step", [])}
     if step:
-        ours = step["Trainer.run_step"]["s_per_iter"]
+        ours = step["SimpleTrainer.run_step"]["s_per_iter"]
         targets["run_step >= 1.0x plain AMP loop"] = ours <= step["plain AMP loop, same model"]["s_per_iter"]
         targets["run_step >= 1.0x torchvision loop"] = (
             ours <= step["torchvision fasterrcnn_resnet50_fpn loop"]["s_per_iter"]
         )
         targets["step with CGBN forced <= 1.08x BN step"] = (
-            step["Trainer.run_step, CGBN forced"]["s_per_iter"]
-            <= 1.08 * step["Trainer.run_step, nn.BatchNorm2d"]["s_per_iter"]
+            step["SimpleTrainer.run_step, CGBN forced"]["s_per_iter"]
+            <= 1.08 * step["SimpleTrainer.run_step, nn.BatchNorm2d"]["s_per_iter"]
         )
     for images in sorted({r["images_per_gpu"] for r in result.get("memory", [])}):
         rows = [r for r in result["memory"] if r["images_per_gpu"] == images and r["checkpointing"] != "none"]
@@ -378,16 +378,16 @@ def steps(sizes: Sizes, device: torch.device) -> tuple[list[dict], list[dict]]:
 
     data = synthetic_data(sizes.image)
     config = REPO / "configs/megdet_r50_fpn_bs16.yaml"
-    trainers = {"Trainer.run_step": timing_run(config, step_overrides(sizes, data))}
+    trainers = {"SimpleTrainer.run_step": timing_run(config, step_overrides(sizes, data))}
     forced = timing_run(config, step_overrides(sizes, data))
     for m in forced.trainer.model.modules():
         if isinstance(m, CrossGPUBatchNorm2d):
             m.force_sync = True
-    trainers["Trainer.run_step, CGBN forced"] = forced
-    trainers["Trainer.run_step, nn.BatchNorm2d"] = timing_run(
+    trainers["SimpleTrainer.run_step, CGBN forced"] = forced
+    trainers["SimpleTrainer.run_step, nn.BatchNorm2d"] = timing_run(
         config, step_overrides(sizes, data, "model.norm=bn")
     )
-    reference = trainers["Trainer.run_step"]
+    reference = trainers["SimpleTrainer.run_step"]
     amp = reference.trainer.amp_dtype
 
     def batches() -> DevicePrefetcher:  # the same image stream, through the project's loader

@@ -47,14 +47,14 @@ def workload(cfg) -> Workload:  # type: ignore[no-untyped-def]
 
 
 def measured_gpu_compute(path: Path) -> tuple[float, str]:
-    """Seconds per image of the measured ``Trainer`` step in a ``bench/gpu.sh`` result, and its source."""
+    """Seconds per image of the measured ``SimpleTrainer`` step in a ``bench/gpu.sh`` result, and its source."""
     if not path.is_file():
         raise UserError(
             f"--measurements {path} does not exist (a bench/gpu.sh result, e.g. bench/results/gpu.json)"
         )
     try:
         data = json.loads(path.read_text())
-        row = next(r for r in data["step"] if r["contender"] == "Trainer.run_step")
+        row = next(r for r in data["step"] if r["contender"] == "SimpleTrainer.run_step")
         return row["s_per_iter"] / row["images"], f"{data['env']['device']}, {path.name}"
     except (ValueError, KeyError, StopIteration, TypeError) as exc:
         raise UserError(f"{path}: not a bench/gpu.sh result ({type(exc).__name__})") from exc

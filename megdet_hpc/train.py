@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from megdet_hpc.checkpoint.restore import read_checkpoint
         from megdet_hpc.config import (
             DEFAULT_IMAGES_PER_GPU,
+            BatchPlan,
             ConfigError,
             default_config_for,
             load_config,
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         config = args.config
         total = args.total_batch
         if config is None:
-            total = total or detect().size * DEFAULT_IMAGES_PER_GPU
+            total = total or BatchPlan(detect().size, DEFAULT_IMAGES_PER_GPU).total
             config = str(default_config_for(total))
         cfg = load_config(config, args.opts)
         if total is not None:

@@ -6,7 +6,7 @@ Use::
     device = select_device(cfg, comm.local_rank)
     configure_process(cfg, device)             # threads, cuDNN / TF32: process-wide, so explicit
     data = TrainingData.load(cfg)              # every input checked; nothing written yet
-    checkpointer = open_output_dir(cfg, comm, fresh=False)   # the directory's one writer
+    checkpointer, archived = open_output_dir(cfg, comm, fresh=False)  # the directory's one writer
     path, ckpt = read_checkpoint(checkpointer, cfg, None, required=False, hint=RESUME_HINT)
     run = TrainingRun.build(cfg, comm, device, data, checkpointer, ckpt)  # everything, before the loop
     run.resume_or_load(path, ckpt)             # only loads state
@@ -310,11 +310,11 @@ class TrainingRun:
             rng_state.seed_all(cfg.train.seed * 1000 + comm.rank)
         else:
             assert path is not None
-            check_fits(self.trainer.model, state["model"], path.name)
+            check_fits(self.trainer.model, state["model"], path.name)  # names the tensors that differ
             try:
                 self.trainer.load_state_dict(state)
-            except ValueError as exc:  # a sampler state that does not fit this data
-                raise CheckpointError(f"{path.name}: {exc}") from exc
+            except (ValueError, RuntimeError) as exc:  # optimizer groups, sampler state: not this run's
+                raise CheckpointError(f"{path.name}: {str(exc).splitlines()[0]}") from exc
             self._warn_if_data_changed(state)
             rngs = state.get("rng") or []
             if len(rngs) == comm.size:
@@ -434,15 +434,15 @@ def build_run(
     fresh: bool = False,
     resume: bool = True,
     resume_from: Path | None = None,
-    configure: bool = True,
 ) -> TrainingRun:
-    """Collective.  Every step of the module docstring but logging: a run ready to ``train``."""
+    """Collective.  Every step of the module docstring but logging and ``configure_process`` (the
+    caller's choice): a run ready to ``train``; on failure nothing stays open."""
     device = select_device(cfg, comm.local_rank)
-    if configure:
-        configure_process(cfg, device)
     data = TrainingData.load(cfg)
-    checkpointer, _ = open_output_dir(cfg, comm, fresh)
+    checkpointer = None
+    run = None
     try:
+        checkpointer, _ = open_output_dir(cfg, comm, fresh)
         path, state = (None, None)
         if resume or resume_from is not None:
             path, state = read_checkpoint(checkpointer, cfg, resume_from, required=False, hint=RESUME_HINT)
@@ -450,5 +450,8 @@ def build_run(
         run.resume_or_load(path, state)
         return run
     except BaseException:
-        checkpointer.close()
+        if run is not None:
+            run.close()
+        elif checkpointer is not None:
+            checkpointer.close()
         raise

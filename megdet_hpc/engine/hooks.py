@@ -5,7 +5,7 @@ the checkpoint's state, an evaluation function, the Slurm requeue, a metrics wri
 only ``iteration``/``max_iter``/``completed`` from the loop it is registered with, so a test builds a
 hook from plain objects and drives it with any ``TrainerBase``.
 
-Order matters and is the order ``engine.defaults.build_hooks`` registers them: the stall watchdog's
+Order matters and is the order ``TrainingRun.build_hooks`` (``engine/defaults.py``) registers them: the stall watchdog's
 beat first (a step's own checkpoint and evaluation count from its end), metrics (so the step a later
 hook ends the run at -- the last skipped one, above all -- still reaches ``metrics.jsonl``), the
 non-finite guard (the streak must be current before anything is saved), preemption (which ends the
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -169,7 +169,7 @@ class PreemptionHook(HookBase):
     def __init__(
         self,
         stop_flag: StopFlag,
-        signals: list[str],
+        signals: Sequence[str],
         checkpointer: CheckpointWriter,
         state: CheckpointState,
         comm: Comm,

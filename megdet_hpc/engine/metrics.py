@@ -8,38 +8,49 @@ from typing import Any
 
 
 class MetricsWriter:
+    """Writes nothing until the first record: a run refused while resuming (weights of another
+    model, say) leaves no TensorBoard file behind."""
+
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.enabled = enabled
+        self.output_dir = output_dir
         self.path = output_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
+        self._tensorboard = enabled and tensorboard
         self._tb = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
 
-                    self._tb = SummaryWriter(str(output_dir / "tensorboard"))
-                except ImportError:  # tensorboard is optional outside the project venv
-                    self._tb = None
+    def _board(self) -> Any:
+        """The TensorBoard writer, opened at the first record (None without tensorboard)."""
+        if self._tensorboard and self._tb is None:
+            self._tensorboard = False  # one try
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional outside the project venv
+                self._tb = None
+        return self._tb
 
     def load_history(self, records: list[dict[str, Any]]) -> None:
         """Metrics so far, restored from a checkpoint (the JSONL may hold lines past it: rewrite)."""
         self.records = list(records)
         if self.enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.enabled:
             return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
+        board = self._board()
+        if board is not None:
             step = int(record.get("iteration", 0))
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+                    board.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self._tb is not None:

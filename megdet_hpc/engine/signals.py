@@ -14,6 +14,7 @@ training loop (loading data, building the model) Ctrl-C is one line and exit 130
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from types import FrameType
 
 INTERRUPTS = ("SIGINT", "SIGHUP")
@@ -42,7 +43,7 @@ class StopFlag:
         """Whether the stop may requeue the job (a scheduler's signal, or a peer's)."""
         return not self.interrupted
 
-    def install(self, names: list[str], interrupts: tuple[str, ...] = INTERRUPTS) -> None:
+    def install(self, names: Sequence[str], interrupts: tuple[str, ...] = INTERRUPTS) -> None:
         for name in names:
             self._previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self._handler)
         for name in interrupts:

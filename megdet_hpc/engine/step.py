@@ -134,8 +134,8 @@ class SimpleTrainer(TrainerBase):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict``'s content (weights already checked to fit, see ``checkpoint.restore``);
-        a sampler state that does not fit this data raises ``ValueError``."""
+        """Restore ``state_dict``'s content (``modeling.fit.check_fits`` names mismatched weights
+        first); an optimizer or sampler state that does not fit these parts raises ``ValueError``."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):

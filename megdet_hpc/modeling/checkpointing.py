@@ -9,6 +9,8 @@ State-dict keys do not change: the stage is the same modules in an ``nn.Sequenti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
@@ -36,7 +38,7 @@ class CheckpointedFeaturePyramidNetwork(FeaturePyramidNetwork):
         return super().forward(x)
 
 
-def enable_activation_checkpointing(model: nn.Module, places: list[str]) -> None:
+def enable_activation_checkpointing(model: nn.Module, places: Sequence[str]) -> None:
     """Checkpoint the ResNet stages (``"backbone"``) and/or the FPN (``"fpn"``) of a torchvision
     Faster R-CNN, in place."""
     body, fpn = model.backbone.body, model.backbone.fpn

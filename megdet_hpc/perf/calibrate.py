@@ -2,7 +2,7 @@
 
 ``python -m megdet_hpc.perf.calibrate --collectives --config C`` (under mpirun/horovodrun) times a
 512 B allreduce (latency) and the config's gradient allreduce (bandwidth) through the launcher's comm
-backend; ``--step --config C`` times ``Trainer.run_step`` of a config at any world size.  Rank 0
+backend; ``--step --config C`` times ``SimpleTrainer.run_step`` of a config at any world size.  Rank 0
 reports through ``launch.local.write_report``; ``calibrate`` runs both and returns a ``Machine``.
 """
 
@@ -80,7 +80,7 @@ TIMING_OVERRIDES = [
 def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
     from megdet_hpc import distributed
     from megdet_hpc.config import load_config
-    from megdet_hpc.engine.defaults import build_run
+    from megdet_hpc.engine.defaults import build_run, configure_process
 
     comm = distributed.init()
     out = tempfile.mkdtemp(prefix="megdet-timing-")
@@ -92,6 +92,7 @@ def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
         f"train.output_dir={out}",
     ]
     run = build_run(load_config(config, timing), comm, resume=False)
+    configure_process(run.cfg, run.device)
     trainer = run.trainer
     times = []
     for i in range(iters + 3):

@@ -36,10 +36,10 @@ def test_gpu_benchmark_script_runs_every_section(tmp_path: Path) -> None:
     assert result["two_ranks"][0]["contender"] == "CGBN"
     contenders = {r["contender"] for r in result["step"]}
     assert {
-        "Trainer.run_step",
+        "SimpleTrainer.run_step",
         "plain AMP loop, same model",
         "torchvision fasterrcnn_resnet50_fpn loop",
-        "Trainer.run_step, CGBN forced",
-        "Trainer.run_step, nn.BatchNorm2d",
+        "SimpleTrainer.run_step, CGBN forced",
+        "SimpleTrainer.run_step, nn.BatchNorm2d",
     } == contenders
     assert {r["checkpointing"] for r in result["memory"]} == {"none", "ResNet stages", "stages + FPN"}

@@ -23,10 +23,12 @@ from megdet_hpc.engine.hooks import (
     NonFiniteGuard,
     PeriodicCheckpointer,
     PreemptionHook,
+    StallWatchdogHook,
 )
 from megdet_hpc.engine.metrics import MetricsWriter
 from megdet_hpc.engine.signals import StopFlag
 from megdet_hpc.engine.train_loop import HookBase, StepResult, StopTraining, TrainerBase
+from megdet_hpc.engine.watchdog import StallWatchdog
 from megdet_hpc.evaluation import EvaluationInterrupted
 from megdet_hpc.utils.cli import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 
@@ -201,3 +203,19 @@ def test_metrics_every_period_and_curves_when_done(tmp_path: Path) -> None:
     assert rows[0]["loss"] == 1.5 and rows[0]["loss/loss_b"] == 0.5 and rows[0]["images_per_s"] > 0
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_watchdog_runs_during_training_and_each_step_restarts_its_deadline() -> None:
+    watchdog = StallWatchdog(3600, lambda: [], lambda: 0)
+    beats: list[float] = []
+
+    class Probe(HookBase):  # registered after the watchdog hook: sees the deadline it just restarted
+        def after_step(self, result: StepResult) -> None:
+            assert watchdog._thread is not None and watchdog._thread.is_alive()
+            beats.append(watchdog._last)
+
+    t = ScriptedLoop(max_iter=3)
+    t.register_hooks([StallWatchdogHook(watchdog), Probe()])
+    assert t.train() == EXIT_OK
+    assert len(beats) == 3 and beats == sorted(beats)
+    assert watchdog._thread is None or not watchdog._thread.is_alive()  # stopped on the way out

@@ -85,3 +85,20 @@ def test_a_non_finite_step_changes_nothing(tiny_config) -> None:
     after = weights(t)
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics restored too
     t.close()
+
+
+def test_a_checkpoint_of_before_hooks_kept_their_state_resumes_the_streak(tiny_config) -> None:
+    from megdet_hpc.engine.hooks import NonFiniteGuard
+
+    a = parts(tiny_config())
+    a.run_step()
+    state = copy.deepcopy(a.state_dict())
+    a.close()
+    del state["hooks"]
+    state["nonfinite_streak"] = 2  # the key such checkpoints carried
+    b = parts(tiny_config())
+    guard = NonFiniteGuard(5)
+    b.register_hooks([guard])
+    b.load_state_dict(state)
+    assert guard.streak == 2 and b.state_dict()["hooks"] == {"NonFiniteGuard": {"streak": 2}}
+    b.close()

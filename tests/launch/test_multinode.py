@@ -221,7 +221,7 @@ def test_srun_torch_distributed_master_address_from_the_node_list(
 def test_mpirun_inside_the_allocation(
     multinode_cluster: MultiNodeCluster, tmp_path: Path, tiny_data: Path, one_node
 ) -> None:
-    """``--launcher mpirun``: mpirun starts its daemons through Slurm; the backend is the default
+    """``--step-launcher mpirun``: mpirun starts its daemons through Slurm; the backend is the default
     (Horovod over MPI); BN groups per node."""
     cfg = write_config(tmp_path, tiny_data, group=2)
     proc = sbatch(

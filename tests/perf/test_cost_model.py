@@ -130,7 +130,7 @@ def test_planner_takes_the_measured_gpu_step_when_there_is_one(tmp_path: Path, c
         json.dumps(
             {
                 "env": {"device": "NVIDIA H100 80GB HBM3"},
-                "step": [{"contender": "Trainer.run_step", "images": 2, "s_per_iter": 0.07}],
+                "step": [{"contender": "SimpleTrainer.run_step", "images": 2, "s_per_iter": 0.07}],
             }
         )
     )
