@@ -52,15 +52,16 @@ class Sizes:
     """Problem sizes: the real ones on a GPU, toy ones for the CPU smoke run."""
 
     def __init__(self, smoke: bool) -> None:
+        # Smoke sizes only exercise the code paths (CI runs it on one CPU core): one call per contender.
         self.smoke = smoke
         self.bn_hw = (64, 96) if smoke else (800, 1216)
-        self.image = 96 if smoke else 800
-        self.memory_hw = (96, 160) if smoke else (800, 1333)
-        self.memory_batches = (2, 4) if smoke else (2, 8)
-        self.bn_iters = 2 if smoke else 10
-        self.step_iters = 2 if smoke else 8
-        self.blocks = 2 if smoke else 4
-        self.warmup = 1 if smoke else 3
+        self.image = 64 if smoke else 800
+        self.memory_hw = (64, 96) if smoke else (800, 1333)
+        self.memory_batches = (1,) if smoke else (2, 8)
+        self.bn_iters = 1 if smoke else 10
+        self.step_iters = 1 if smoke else 8
+        self.blocks = 1 if smoke else 4
+        self.warmup = 0 if smoke else 3
 
 
 def sync(device: torch.device) -> None:
@@ -333,7 +334,7 @@ def step_overrides(sizes: Sizes, data: Path, *extra: str) -> list[str]:
     return [
         "model.num_classes=80",
         f"model.min_size={sizes.image}",
-        f"model.max_size={max(sizes.image, 1333 if not sizes.smoke else 96)}",
+        f"model.max_size={max(sizes.image, 1333 if not sizes.smoke else 64)}",
         "data.images_per_gpu=2",
         "solver.total_batch=2",
         "solver.base_batch=16",
@@ -499,7 +500,8 @@ def memory_rows(sizes: Sizes, device: torch.device) -> list[dict]:
             batches = iter(lambda b=batch, t=targets: (b, t, (0, 0)), None)
             amp = torch.float16 if device.type == "cuda" else None
             contenders[label] = plain_loop(model, batches, amp, device)
-        times = interleaved(contenders, max(2, sizes.step_iters // 2), sizes.blocks, sizes.warmup, device)
+        iters = sizes.step_iters if sizes.smoke else max(2, sizes.step_iters // 2)
+        times = interleaved(contenders, iters, sizes.blocks, sizes.warmup, device)
         peaks = {k: peak_memory(fn, device) for k, fn in contenders.items()}
         for k, t in times.items():
             rows.append(
