@@ -59,29 +59,35 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "synthetic", train=24, val=8, size=64, seed=1)
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path, tiny_data: Path):
-    """Write a tiny config YAML (with extra overrides) and return its path."""
+def write_tiny_config(folder: Path, tiny_data: Path, name: str = "tiny.yaml", **sections: dict) -> Path:
+    """The tiny config YAML in ``folder`` (output dir ``folder/out``), sections updated by ``sections``."""
     import copy
 
     import yaml
 
+    data = copy.deepcopy(TINY_OVERRIDES)
+    data["data"] = {
+        "train_images": str(tiny_data / "train"),
+        "train_annotations": str(tiny_data / "annotations" / "instances_train.json"),
+        "val_images": str(tiny_data / "val"),
+        "val_annotations": str(tiny_data / "annotations" / "instances_val.json"),
+        "images_per_gpu": 2,
+        "num_workers": 0,
+    }
+    data["train"]["output_dir"] = str(folder / "out")
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_data: Path):
+    """Write a tiny config YAML (with extra overrides) and return its path."""
+
     def make(name: str = "tiny.yaml", **sections: dict) -> Path:
-        data = copy.deepcopy(TINY_OVERRIDES)
-        data["data"] = {
-            "train_images": str(tiny_data / "train"),
-            "train_annotations": str(tiny_data / "annotations" / "instances_train.json"),
-            "val_images": str(tiny_data / "val"),
-            "val_annotations": str(tiny_data / "annotations" / "instances_val.json"),
-            "images_per_gpu": 2,
-            "num_workers": 0,
-        }
-        data["train"]["output_dir"] = str(tmp_path / "out")
-        for section, values in sections.items():
-            data.setdefault(section, {}).update(values)
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return write_tiny_config(tmp_path, tiny_data, name, **sections)
 
     return make
 

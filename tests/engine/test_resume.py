@@ -89,7 +89,7 @@ def _start(launcher: str, cfg: Path, out: Path, *extra: str) -> subprocess.Popen
 def test_sigusr1_checkpoints_exits_and_resumes_identically(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(
         data={"images_per_gpu": 1, "num_workers": 1},
-        solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+        solver={"max_iter": 14, "warmup_iters": 5, "steps": [10]},
         train={"checkpoint_period": 0, "eval_at_end": False},
     )
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -108,10 +108,10 @@ def test_sigusr1_checkpoints_exits_and_resumes_identically(tiny_config, tmp_path
     assert proc.returncode != 0  # horovodrun reports the workers' exit code 3 as a failure
     assert "stopped by" in out
     stopped_at = int((cut / "last_checkpoint").read_text().strip()[6:13])
-    assert 3 <= stopped_at < 40
+    assert 3 <= stopped_at < 14
     run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={cut}"])
     run("hvd-gloo", 2, [*TRAIN, "--config", str(cfg), f"train.output_dir={ref}"])
-    assert_bitwise_equal(final_state(ref, 40), final_state(cut, 40))
+    assert_bitwise_equal(final_state(ref, 14), final_state(cut, 14))
 
 
 def test_resume_on_another_world_size(tiny_config, tmp_path: Path) -> None:

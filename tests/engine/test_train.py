@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_config
 from launchers import run
 
 TRAIN = ["-m", "megdet_hpc.train"]
@@ -78,6 +80,23 @@ def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: P
     assert moved > 1e-3
 
 
+GRADIENT_STEP = {
+    "solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02, "grad_sync": "overlap"},
+    "train": {"checkpoint_period": 1, "eval_at_end": False},
+    "data": {"images_per_gpu": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def overlapped_step(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
+    """The reference of every gradient path: one 2-rank step of Horovod overlapped
+    (DistributedOptimizer), run once for the module."""
+    folder = tmp_path_factory.mktemp("overlapped")
+    ref = write_tiny_config(folder, tiny_data, "ref.yaml", **copy.deepcopy(GRADIENT_STEP))
+    run("hvd-gloo", 2, [*TRAIN, "--config", str(ref), f"train.output_dir={folder}/ref"])
+    return torch.load(folder / "ref/model_0000001.pth", weights_only=True)["model"]
+
+
 @pytest.mark.parametrize(
     ("launcher", "variant"),
     [
@@ -86,23 +105,19 @@ def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: P
         ("mpirun", {}),
     ],
 )
-def test_gradient_paths_agree(tiny_config, tmp_path: Path, launcher: str, variant: dict) -> None:
+def test_gradient_paths_agree(
+    tiny_config, tmp_path: Path, launcher: str, variant: dict, overlapped_step
+) -> None:
     """Every gradient path takes the same 2-rank step: Horovod overlapped (DistributedOptimizer) is the
     reference; the variant runs the coalesced after-backward path (forced, or auto for mpi, or because
     Horovod's hooks refuse channels_last gradients)."""
-    common = {
-        "solver": {"max_iter": 1, "warmup_iters": 0, "base_lr": 0.02, "grad_sync": "overlap"},
-        "train": {"checkpoint_period": 1, "eval_at_end": False},
-        "data": {"images_per_gpu": 1},
-    }
-    ref = tiny_config("ref.yaml", **common)
+    common = copy.deepcopy(GRADIENT_STEP)
     for section, values in variant.items():
         common[section] = {**common.get(section, {}), **values}
     common["solver"] = {**common["solver"], "grad_sync": variant.get("solver", {}).get("grad_sync", "auto")}
     other = tiny_config("other.yaml", **common)
-    run("hvd-gloo", 2, [*TRAIN, "--config", str(ref), f"train.output_dir={tmp_path}/ref"])
     proc = run(launcher, 2, [*TRAIN, "--config", str(other), f"train.output_dir={tmp_path}/other"])
-    a = torch.load(tmp_path / "ref/model_0000001.pth", weights_only=True)["model"]
+    a = overlapped_step
     b = torch.load(tmp_path / "other/model_0000001.pth", weights_only=True)["model"]
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst <= 1e-5, worst

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, write_tiny_config
 from test_faults import one_line_error, train, tree
 
 TRAIN_SECTION = {"checkpoint_period": 2, "keep_checkpoints": 3, "eval_at_end": False}
@@ -25,19 +25,10 @@ TRAIN_SECTION = {"checkpoint_period": 2, "keep_checkpoints": 3, "eval_at_end": F
 def base_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """(config as a dict, output dir) of one 6-iteration run, shared by the module's cases."""
     folder = tmp_path_factory.mktemp("base")
-    data = copy.deepcopy(TINY_OVERRIDES)
-    data["data"] = {
-        "train_images": str(tiny_data / "train"),
-        "train_annotations": str(tiny_data / "annotations" / "instances_train.json"),
-        "val_images": str(tiny_data / "val"),
-        "val_annotations": str(tiny_data / "annotations" / "instances_val.json"),
-        "images_per_gpu": 2,
-        "num_workers": 0,
-    }
-    data["solver"]["max_iter"] = 6
-    data["train"].update(TRAIN_SECTION, output_dir=str(folder / "out"))
-    cfg = folder / "base.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    solver = {**TINY_OVERRIDES["solver"], "max_iter": 6}
+    train_section = {**TINY_OVERRIDES["train"], **TRAIN_SECTION}
+    cfg = write_tiny_config(folder, tiny_data, "base.yaml", solver=solver, train=train_section)
+    data = yaml.safe_load(cfg.read_text())
     proc, _ = train(cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return data, folder / "out"
