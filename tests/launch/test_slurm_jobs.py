@@ -39,9 +39,15 @@ def cpu_script(tmp_path: Path, name: str = "job.sh", job_name: str = "", **kw) -
     return path
 
 
+SUBMITIT_JOB = "megdet-submitit-test"
+
+
 def submitit_command(tmp_path: Path, cfg: Path, timeout_min: int) -> list[str]:
     """``python -m megdet_hpc.launch`` for a 1-node, 2-CPU-task job on the test cluster, followed to its end."""
-    args = f"--nodes 1 --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --time {timeout_min} --partition low"
+    args = (
+        f"--nodes 1 --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --time {timeout_min} --partition low "
+        f"--job-name {SUBMITIT_JOB}"
+    )
     return [
         sys.executable,
         "-m",
@@ -244,7 +250,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
     """USR2 (submitit's preemption signal) to a running submitit job: checkpoint, requeue, resume, done."""
     cfg = tiny_config(
         data={"images_per_gpu": 1},
-        solver={"max_iter": 40, "warmup_iters": 5, "steps": [30]},
+        solver={"max_iter": 14, "warmup_iters": 5, "steps": [10]},
         train={"checkpoint_period": 0, "eval_at_end": False},
     )
     out = tmp_path / "out"
@@ -262,7 +268,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
             assert time.time() < deadline and proc.poll() is None, "job never reached iteration 3"
             time.sleep(0.2)
         job_id = subprocess.run(
-            ["squeue", "-h", "-o", "%i", "-n", "megdet"], capture_output=True, text=True, check=True
+            ["squeue", "-h", "-o", "%i", "-n", SUBMITIT_JOB], capture_output=True, text=True, check=True
         ).stdout.split()[0]
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         stdout, stderr = proc.communicate(timeout=400)
@@ -273,5 +279,5 @@ def test_submitit_job_checkpoints_requeues_and_resumes(
     assert "2 task(s) succeeded" in stdout
     logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "sub").rglob("*_log.out"))
     assert "stopped by SIGUSR2" in logs and "requeued Slurm job" in logs and "resumed from" in logs
-    state = torch.load(out / "model_0000040.pth", weights_only=True)
-    assert state["iteration"] == 40 and state["world_size"] == 2
+    state = torch.load(out / "model_0000014.pth", weights_only=True)
+    assert state["iteration"] == 14 and state["world_size"] == 2
