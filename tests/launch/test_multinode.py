@@ -12,7 +12,6 @@ values are printed (``-s``) and stated in the README's "What happens when..." ta
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import re
@@ -24,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, write_tiny_config
 from launchers import REPO, run
 from multinode import MultiNodeCluster
 
@@ -44,24 +42,23 @@ LINK_STALL_S = 10  # the link-down test: below SlurmdTimeout (30 s), after which
 
 def write_config(folder: Path, data: Path, group: int = 0, **train: object) -> Path:
     """The tiny demo config for 4 ranks x 1 image (total batch 4), ``ITERS`` steps, a checkpoint every 2."""
-    cfg = copy.deepcopy(TINY_OVERRIDES)
-    cfg["model"]["bn_group_size"] = group
-    cfg["solver"].update(total_batch=4, base_batch=4, max_iter=ITERS, warmup_iters=2, steps=[4])
-    cfg["data"] = {
-        "train_images": str(data / "train"),
-        "train_annotations": str(data / "annotations" / "instances_train.json"),
-        "val_images": str(data / "val"),
-        "val_annotations": str(data / "annotations" / "instances_val.json"),
-        "images_per_gpu": 1,
-        "num_workers": 0,
-    }
-    cfg["train"].update(
-        {"output_dir": str(folder / "out"), "checkpoint_period": 2, "eval_at_end": False, **train}
-    )
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_tiny_config(
+        folder,
+        data,
+        "cfg.yaml",
+        model={**TINY_OVERRIDES["model"], "bn_group_size": group},
+        solver={
+            **TINY_OVERRIDES["solver"],
+            "total_batch": 4,
+            "base_batch": 4,
+            "max_iter": ITERS,
+            "warmup_iters": 2,
+            "steps": [4],
+        },
+        data={"images_per_gpu": 1, "num_workers": 0},
+        train={**TINY_OVERRIDES["train"], "checkpoint_period": 2, "eval_at_end": False, **train},
+    )
 
 
 def job_script(folder: Path, launcher: str = "srun") -> Path:
