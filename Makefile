@@ -15,7 +15,7 @@ lint: setup
 	git ls-files -z '*.py' | xargs -0 $(RUFF) format --check
 
 test: setup lint
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=25 tests
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
