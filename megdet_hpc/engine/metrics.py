@@ -18,6 +18,12 @@ class MetricsWriter:
         self.records: list[dict[str, Any]] = []
         self._tensorboard = enabled and tensorboard
         self._tb = None
+        self._dir_made = False
+
+    def _make_dir(self) -> None:
+        if not self._dir_made:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._dir_made = True
 
     def _board(self) -> Any:
         """The TensorBoard writer, opened at the first record (None without tensorboard)."""
@@ -35,14 +41,14 @@ class MetricsWriter:
         """Metrics so far, restored from a checkpoint (the JSONL may hold lines past it: rewrite)."""
         self.records = list(records)
         if self.enabled:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._make_dir()
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.enabled:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dir()
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         board = self._board()
