@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import CheckpointError
-        from megdet_hpc.checkpoint.restore import read_checkpoint
         from megdet_hpc.config import (
             DEFAULT_IMAGES_PER_GPU,
             BatchPlan,
@@ -49,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             load_config,
             scale_to_total_batch,
         )
-        from megdet_hpc.engine.defaults import (
-            RESUME_HINT,
-            TrainingData,
-            TrainingRun,
-            configure_process,
-            open_output_dir,
-            select_device,
-        )
+        from megdet_hpc.engine.defaults import build_run, configure_process, select_device
         from megdet_hpc.evaluation import EvaluationInterrupted
         from megdet_hpc.launch.environment import detect
         from megdet_hpc.utils.logger import setup_logging
@@ -73,41 +65,39 @@ def main(argv: list[str] | None = None) -> int:
             cfg = scale_to_total_batch(cfg, total)
         comm = distributed.init()
         try:
-            device = select_device(cfg, comm.local_rank)
-            configure_process(cfg, device)
-            data = TrainingData.load(cfg)  # every input checked before anything is written
-            checkpointer, archived_to = open_output_dir(cfg, comm, fresh=args.no_resume)
-            try:
+            configure_process(cfg, select_device(cfg, comm.local_rank))
+
+            def start_logging(archived_to: Path | None) -> None:
                 setup_logging(comm.rank, Path(cfg.train.output_dir))
                 log = logging.getLogger("megdet_hpc")
                 if comm.is_main and archived_to is not None:
                     log.warning("--no-resume: moved the previous run's files to %s", archived_to)
                 if args.config is None and comm.is_main:
                     log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
-                path, state = None, None
-                if not args.no_resume or args.resume_from is not None:
-                    path, state = read_checkpoint(
-                        checkpointer, cfg, args.resume_from, required=False, hint=RESUME_HINT
-                    )
-                if args.eval_only and path is None and not cfg.model.weights:
+
+            run = build_run(
+                cfg,
+                comm,
+                fresh=args.no_resume,
+                resume=not args.no_resume,
+                resume_from=args.resume_from,
+                on_opened=start_logging,
+            )
+            try:
+                if not args.eval_only:
+                    return run.train()
+                if run.resumed_from is None and not cfg.model.weights:
                     raise CheckpointError(
                         f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} "
                         "and no model.weights)"
                     )
-                run = TrainingRun.build(cfg, comm, device, data, checkpointer, state)
                 try:
-                    run.resume_or_load(path, state)
-                    if not args.eval_only:
-                        return run.train()
-                    try:
-                        run.evaluate()
-                    except EvaluationInterrupted:
-                        return EXIT_PREEMPTED
-                    return EXIT_OK
-                finally:
-                    run.close()
+                    run.evaluate()
+                except EvaluationInterrupted:
+                    return EXIT_PREEMPTED
+                return EXIT_OK
             finally:
-                checkpointer.close()
+                run.close()
         finally:
             distributed.shutdown()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -434,15 +435,19 @@ def build_run(
     fresh: bool = False,
     resume: bool = True,
     resume_from: Path | None = None,
+    on_opened: Callable[[Path | None], None] | None = None,
 ) -> TrainingRun:
-    """Collective.  Every step of the module docstring but logging and ``configure_process`` (the
-    caller's choice): a run ready to ``train``; on failure nothing stays open."""
+    """Collective.  Every step of the module docstring but ``configure_process`` (the caller's
+    choice): a run ready to ``train``; on failure nothing stays open.  ``on_opened(archived_to)``
+    runs once the directory is this run's (``train.py`` starts its log file there)."""
     device = select_device(cfg, comm.local_rank)
-    data = TrainingData.load(cfg)
+    data = TrainingData.load(cfg)  # every input checked before anything is written
     checkpointer = None
     run = None
     try:
-        checkpointer, _ = open_output_dir(cfg, comm, fresh)
+        checkpointer, archived_to = open_output_dir(cfg, comm, fresh)
+        if on_opened is not None:
+            on_opened(archived_to)
         path, state = (None, None)
         if resume or resume_from is not None:
             path, state = read_checkpoint(checkpointer, cfg, resume_from, required=False, hint=RESUME_HINT)
