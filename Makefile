@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
+# Test workers (pytest-xdist): many tests wait on launchers, Slurm and watchdogs rather than compute,
+# so two share the 2-core CI machine well.  The tests that need a Slurm cluster share one worker.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-gpu lint demo bench experiment parity slurm-scripts
 
@@ -15,7 +18,7 @@ lint: setup
 	git ls-files -z '*.py' | xargs -0 $(RUFF) format --check
 
 test: setup lint
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=25 tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh

@@ -139,6 +139,25 @@ def _skip_gpu_tests_without_cuda(items: list) -> None:
             item.add_marker(no_cuda)
 
 
+SLURM_FIXTURES = {"slurm_cluster", "multinode_cluster"}
+
+
+def _group_for_parallel_workers(items: list) -> None:
+    """``pytest -n N --dist loadgroup`` (``make test``): one worker per group, groups spread over workers.
+
+    Why these groups: every test that needs a Slurm cluster runs on the one worker that started the
+    session's clusters (two one-node clusters would fight over ports 16817/16818, and a cluster start
+    per worker costs what it saves); the tests of one module stay together so a module-scoped fixture
+    (a reference run, a finished run) is built once.
+    """
+    for item in items:
+        if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())) or "slurm" in item.keywords:
+            group = "slurm"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     """Fail the run when a ``test_*.py`` under a collected folder yields no test at all.
@@ -154,3 +173,4 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if missing:
         raise pytest.UsageError(f"test files on disk that pytest did not collect: {', '.join(missing)}")
     _skip_gpu_tests_without_cuda(items)
+    _group_for_parallel_workers(items)

@@ -71,6 +71,7 @@ def local_command(launcher: str, nproc: int, argv: list[str], python: str | None
             python or sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free rendezvous port: two local jobs never collide on 29500
             "--nproc-per-node",
             str(nproc),
             *argv,
