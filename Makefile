@@ -18,7 +18,7 @@ lint: setup
 	git ls-files -z '*.py' | xargs -0 $(RUFF) format --check
 
 test: setup lint
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -139,23 +140,39 @@ def _skip_gpu_tests_without_cuda(items: list) -> None:
             item.add_marker(no_cuda)
 
 
-SLURM_FIXTURES = {"slurm_cluster", "multinode_cluster"}
+SLURM_MARKS = ("slurm_cluster", "multinode_cluster", "pytest.mark.slurm")
 
 
-def _group_for_parallel_workers(items: list) -> None:
-    """``pytest -n N --dist loadgroup`` (``make test``): one worker per group, groups spread over workers.
+@functools.cache
+def _needs_slurm(module: Path) -> bool:
+    """Whether a test module uses a Slurm cluster (one of the session's fixtures, or the marker)."""
+    try:
+        text = module.read_text()
+    except OSError:
+        return False
+    return any(mark in text for mark in SLURM_MARKS)
 
-    Why these groups: every test that needs a Slurm cluster runs on the one worker that started the
-    session's clusters (two one-node clusters would fight over ports 16817/16818, and a cluster start
-    per worker costs what it saves); the tests of one module stay together so a module-scoped fixture
-    (a reference run, a finished run) is built once.
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``pytest -n N`` (``make test``): whole modules spread over the workers, and every module that
+    needs a Slurm cluster on one worker.
+
+    Why: two one-node clusters would fight over ports 16817/16818 and a cluster start per worker costs
+    what it saves, so the Slurm modules share the worker that started the session's clusters; a module
+    stays whole so a module-scoped fixture (a reference run, a finished run) is built once.  (A custom
+    scheduler, not ``xdist_group`` marks: pytest 9 ignores the node-id suffix xdist 3.8 groups by.)
     """
-    for item in items:
-        if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())) or "slurm" in item.keywords:
-            group = "slurm"
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesSlurmTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if _needs_slurm(config.rootpath / module) else module
+
+    return ModulesSlurmTogether(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -173,4 +190,3 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if missing:
         raise pytest.UsageError(f"test files on disk that pytest did not collect: {', '.join(missing)}")
     _skip_gpu_tests_without_cuda(items)
-    _group_for_parallel_workers(items)
