@@ -5,6 +5,14 @@
 #      and gloo must be compiled with the same standard or the link fails (duplicate gloo symbols).
 #   2. cmake/Modules/FindPytorch.cmake decides "torch has CUDA" from torch.version.cuda + CUDA_HOME; on a
 #      machine with nvcc but no GPU (CI, login nodes) that forces a CUDA build which then fails.
+# And one fix of behaviour:
+#   3. The torch binding's enqueue functions (allreduce_async_, broadcast_async_, join, barrier, ...)
+#      hold the GIL while they wait for the process-set table's lock, which Horovod's background thread
+#      keeps through a whole negotiation cycle.  With a peer frozen that cycle never ends, so the rank's
+#      main thread blocks with the GIL held and no other Python thread -- the stall watchdog
+#      (megdet_hpc/engine/watchdog.py) -- runs again: the job hangs to its wall time.  Every enqueue
+#      now releases the GIL (pybind11 call_guard), as wait_and_clear already does; they touch only C++
+#      objects.  The build is versioned 0.28.1+megdet.gil so set-up can tell it from a stock install.
 # We patch exactly those lines, build a wheel once, and keep it in a cache dir so set-up is idempotent.
 #
 # Environment:
@@ -15,15 +23,18 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 CACHE=${MEGDET_CACHE:-$HOME/.cache/megdet_hpc}
 VERSION=0.28.1
+BUILD=$VERSION+megdet.gil  # the version this script's patched build reports
 
-if "$PYTHON" -c "import horovod.torch" 2>/dev/null; then
-  echo "[build_horovod] horovod already importable: $("$PYTHON" -c 'import horovod; print(horovod.__version__)')"
+installed=$("$PYTHON" -c "import horovod.torch, horovod; print(horovod.__version__)" 2>/dev/null || true)
+if [ "$installed" = "$BUILD" ]; then
+  echo "[build_horovod] horovod already installed: $installed"
   exit 0
 fi
+[ -z "$installed" ] || echo "[build_horovod] replacing horovod $installed by the patched build $BUILD"
 
 torch_tag=$("$PYTHON" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then flavour=gpu; else flavour=cpu; fi
-wheel_dir="$CACHE/horovod-$VERSION-torch$torch_tag-$flavour"
+wheel_dir="$CACHE/horovod-$BUILD-torch$torch_tag-$flavour"
 mkdir -p "$wheel_dir"
 wheel=$(ls "$wheel_dir"/horovod-*.whl 2>/dev/null | head -n1 || true)
 
@@ -49,6 +60,12 @@ if [ -z "$wheel" ]; then
     grep -q 'print(False)' "$src/cmake/Modules/FindPytorch.cmake" || { echo "[build_horovod] CUDA patch did not apply" >&2; exit 1; }
     export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-gloo}
   fi
+  # (3) Release the GIL around every enqueue of the torch binding; version the build.
+  ops="$src/horovod/torch/mpi_ops_v2.cc"
+  sed -i 's/&\(Do[A-Za-z]*\));/\&\1, py::call_guard<py::gil_scoped_release>());/' "$ops"
+  [ "$(grep -c 'py::call_guard<py::gil_scoped_release>()' "$ops")" -ge 100 ] || { echo "[build_horovod] GIL patch did not apply" >&2; exit 1; }
+  sed -i "s/^__version__ = '$VERSION'$/__version__ = '$BUILD'/" "$src/horovod/__init__.py"
+  grep -q "__version__ = '$BUILD'" "$src/horovod/__init__.py" || { echo "[build_horovod] version patch did not apply" >&2; exit 1; }
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
