@@ -15,11 +15,20 @@ in flight finish, and ends the process with ``EXIT_STALLED``.  ``os._exit``: the
 inside C code, so no exception can reach it, and no finaliser may run that would wait on the dead peer.
 What is already on disk stays as it was: checkpoints are written to a temporary and renamed, so a write
 cut short leaves a temporary the next start removes, never a damaged checkpoint.
+
+**A backstop that needs no GIL.**  The watchdog is a Python thread: if the main thread blocks inside C
+code *with the GIL held*, it never runs.  Stock Horovod does exactly that -- its enqueue functions wait
+for a lock the background thread holds through a negotiation with the frozen peer (the project's build
+releases the GIL there: ``scripts/build_horovod.sh``, fix 3) -- and any other extension may.  So every
+deadline is also armed in ``faulthandler`` (its timer is a C thread), ``backstop_s`` after the
+watchdog's own: if the line above was not written by then, faulthandler prints the Python stack of
+every thread (the collective the main thread is in among them) and ends the process with exit code 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import socket
 import threading
@@ -48,6 +57,8 @@ class StallWatchdog:
         self.before_exit = before_exit
         # Long enough for peers blocked in the same collective to reach their own deadline and print.
         self.grace_s = min(5.0, max(1.0, timeout_s / 10)) if grace_s is None else grace_s
+        # After the watchdog's own end (deadline + a tick + the grace + a checkpoint write's grace).
+        self.backstop_s = 2 * self.grace_s + 5.0
         self.prog = prog
         self.host = socket.gethostname()
         self._last = time.monotonic()
@@ -70,16 +81,24 @@ class StallWatchdog:
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="megdet-stall-watchdog", daemon=True)
         self._thread.start()
+        self._arm_backstop()
 
     def beat(self) -> None:
         """A step completed: the deadline starts again."""
         self._last = time.monotonic()
         self._limit = self.timeout_s
+        if self._thread is not None and not self._paused:
+            self._arm_backstop()
+
+    def _arm_backstop(self) -> None:
+        """Re-arm faulthandler's GIL-free timer (a C thread per arming: microseconds per step)."""
+        faulthandler.dump_traceback_later(self._limit + self.backstop_s, exit=True)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """No deadline inside (an evaluation: its length depends on the validation set, not a step)."""
         self._paused += 1
+        faulthandler.cancel_dump_traceback_later()
         try:
             yield
         finally:
@@ -88,6 +107,7 @@ class StallWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        faulthandler.cancel_dump_traceback_later()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -119,6 +139,7 @@ class StallWatchdog:
     def _fire(self, waited_s: float) -> None:
         # os.write, not print/logging: the blocked main thread may hold the stream's lock.
         os.write(2, (self.report(waited_s) + "\n").encode())
+        faulthandler.dump_traceback_later(self.backstop_s, exit=True)  # bounds the grace below too
         deadline = time.monotonic() + self.grace_s
         if self.before_exit is not None:
             with contextlib.suppress(Exception):
