@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
-# Test workers (pytest-xdist): many tests wait on launchers, Slurm and watchdogs rather than compute,
-# so two share the 2-core CI machine well.  The tests that need a Slurm cluster share one worker.
+# Test workers (pytest-xdist; 0 = none).  Whole modules go to whichever worker is free and every module
+# that needs a Slurm cluster to one worker (tests/conftest.py).  On 2 cores the suite is CPU-bound (rank
+# processes importing torch, tiny trainings), so two workers gain little there; more cores, more gain.
 TEST_WORKERS ?= 2
 
 .PHONY: setup test test-gpu lint demo bench experiment parity slurm-scripts

@@ -26,15 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
 
     def _run() -> int:
-        from megdet_hpc import distributed
         from megdet_hpc.config import load_config
+
+        cfg = load_config(a.config, a.opts)  # a bad config is refused before torch is imported
+
+        from megdet_hpc import distributed
         from megdet_hpc.data.loader import build_val_dataset
         from megdet_hpc.engine.defaults import device_type, select_device
         from megdet_hpc.evaluation import evaluate
         from megdet_hpc.modeling.fit import model_from_checkpoint
         from megdet_hpc.utils.logger import setup_logging
 
-        cfg = load_config(a.config, a.opts)
         dataset = build_val_dataset(cfg)
         comm = distributed.init(device=device_type(cfg))
         setup_logging(comm.rank)

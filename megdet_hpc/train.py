@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse(argv)
 
     def _run() -> int:
-        from megdet_hpc import distributed
-        from megdet_hpc.checkpoint import CheckpointError
+        # The config first, torch after: a bad config or command line is refused before the ~5 s of
+        # CPU that importing torch and torchvision costs every rank.
         from megdet_hpc.config import (
             DEFAULT_IMAGES_PER_GPU,
             BatchPlan,
@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             load_config,
             scale_to_total_batch,
         )
-        from megdet_hpc.engine.defaults import build_run, configure_process, select_device
-        from megdet_hpc.evaluation import EvaluationInterrupted
         from megdet_hpc.launch.environment import detect
-        from megdet_hpc.utils.logger import setup_logging
 
         if args.no_resume and args.resume_from:
             raise ConfigError("--no-resume and --resume-from contradict each other")
@@ -63,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.opts)
         if total is not None:
             cfg = scale_to_total_batch(cfg, total)
+
+        from megdet_hpc import distributed
+        from megdet_hpc.checkpoint import CheckpointError
+        from megdet_hpc.engine.defaults import build_run, configure_process, select_device
+        from megdet_hpc.evaluation import EvaluationInterrupted
+        from megdet_hpc.utils.logger import setup_logging
+
         comm = distributed.init()
         try:
             configure_process(cfg, select_device(cfg, comm.local_rank))

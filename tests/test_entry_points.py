@@ -53,3 +53,21 @@ def test_visualize_a_checkpoint_of_another_model_is_one_line(
     assert len(err) == 1 and err[0].startswith("megdet_hpc.visualize: error: bare.pth: weights do not fit"), (
         err
     )
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_a_bad_config_is_refused_before_torch_is_imported(module: str, tiny_config) -> None:
+    """Every rank pays ~5 s of CPU to import torch and torchvision: a config error must not."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        f"from megdet_hpc.{module} import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    argv = ["--config", str(tiny_config()), "train.log_period=0"]
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "train.log_period must be > 0" in proc.stderr
