@@ -12,7 +12,8 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 from megdet_hpc.utils.errors import UserError
 
@@ -21,6 +22,31 @@ log = logging.getLogger("megdet_hpc.launch")
 
 class SlurmError(UserError, ValueError):
     """A Slurm value this process cannot use (e.g. a malformed node list), with a one-line message."""
+
+
+def separate_mpi_shared_memory(
+    env: MutableMapping[str, str] | None = None, shm: Path = Path("/dev/shm")
+) -> Path | None:
+    """After a requeue, give OpenMPI's shared-memory segments a directory of this run; before MPI_Init.
+
+    Why: a requeued job keeps its job id and its steps their ids, so OpenMPI names its segments
+    (``vader_segment.<host>.<jobid>.<local rank>`` in /dev/shm, the jobid derived from the PMIx
+    namespace of job + step) exactly as the run before did.  When the requeue killed that run before
+    MPI_Finalize, its segments are still there, and the restarted ranks can map them stale: a
+    segfault in the restarted job's start-up, seen once on the multi-node test cluster.  One folder per
+    restart (``/dev/shm/megdet-ompi-<job>.<restart>``) keeps the names apart.  A
+    ``OMPI_MCA_btl_vader_backing_directory`` set by the user wins; outside a restarted Slurm job,
+    nothing changes.  Returns the folder used, if any.
+    """
+    env = os.environ if env is None else env
+    job, restart = env.get("SLURM_JOB_ID"), env.get("SLURM_RESTART_COUNT", "0")
+    key = "OMPI_MCA_btl_vader_backing_directory"
+    if not job or restart in ("", "0") or key in env or not shm.is_dir():
+        return None
+    folder = shm / f"megdet-ompi-{job}.{restart}"
+    folder.mkdir(mode=0o700, exist_ok=True)  # every rank of the node: the first one creates it
+    env[key] = str(folder)
+    return folder
 
 
 def job_id(env: Mapping[str, str] | None = None) -> str | None:

@@ -153,3 +153,19 @@ def test_slurm_job_id_is_array_aware() -> None:
     assert job_id({}) is None
     assert job_id({"SLURM_JOB_ID": "7"}) == "7"
     assert job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "3"}) == "5_3"
+
+
+def test_a_requeued_job_gets_its_own_mpi_shared_memory_folder(tmp_path: Path) -> None:
+    from megdet_hpc.launch.slurm import separate_mpi_shared_memory
+
+    key = "OMPI_MCA_btl_vader_backing_directory"
+    first = {"SLURM_JOB_ID": "10", "SLURM_RESTART_COUNT": "0"}
+    assert separate_mpi_shared_memory(first, tmp_path) is None and key not in first  # first run: as is
+    again = {"SLURM_JOB_ID": "10", "SLURM_RESTART_COUNT": "1"}
+    folder = separate_mpi_shared_memory(again, tmp_path)
+    assert folder == tmp_path / "megdet-ompi-10.1" and folder.is_dir() and again[key] == str(folder)
+    second_rank = {"SLURM_JOB_ID": "10", "SLURM_RESTART_COUNT": "1"}
+    assert separate_mpi_shared_memory(second_rank, tmp_path) == folder  # the folder exists: fine
+    mine = {**again, key: "/scratch/mine"}
+    assert separate_mpi_shared_memory(mine, tmp_path) is None and mine[key] == "/scratch/mine"
+    assert separate_mpi_shared_memory({}, tmp_path) is None  # outside Slurm
