@@ -295,10 +295,6 @@ def init(backend: str | None = None, device: str | None = None) -> Comm:
     check_environment()  # a bad MEGDET_* value fails here, not at the first collective
     env = detect()
     name = resolve_backend(backend or settings.comm_backend(), env)
-    if name in ("mpi", "horovod"):
-        from megdet_hpc.launch.slurm import separate_mpi_shared_memory
-
-        separate_mpi_shared_memory()  # a requeued job must not map the killed run's segments
     _COMM = make_comm(name, env, device)
     return _COMM
 

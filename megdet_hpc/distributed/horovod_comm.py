@@ -13,6 +13,7 @@ import torch
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group, dense_buffers
 from megdet_hpc.launch.environment import ClusterEnvironment
+from megdet_hpc.launch.slurm import separate_mpi_shared_memory
 
 
 class HorovodComm(Comm):
@@ -21,6 +22,7 @@ class HorovodComm(Comm):
     def __init__(self, env: ClusterEnvironment) -> None:
         super().__init__(env)
         os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+        separate_mpi_shared_memory()  # before hvd.init's MPI_Init: not the killed run's segments
         if torch.cuda.is_available():
             # Horovod 0.28's GPU completion mode: without it the finalizer thread waits on the host for
             # the NCCL kernels before marking an op done, so every hvd.allreduce_ (=synchronize) of a

@@ -27,6 +27,7 @@ import torch
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group, flat_view
 from megdet_hpc.launch.environment import ClusterEnvironment
+from megdet_hpc.launch.slurm import separate_mpi_shared_memory
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")  # MPI.THREAD_SINGLE == 0 .. 3
 
@@ -44,6 +45,7 @@ class MPIComm(Comm):
     def __init__(self, env: ClusterEnvironment, other_mpi_threads: bool = False) -> None:
         """``other_mpi_threads``: another library's thread calls MPI in this process (Horovod-MPI)."""
         super().__init__(env)
+        separate_mpi_shared_memory()  # before MPI_Init: not the killed run's segments
         from mpi4py import MPI
 
         self.MPI = MPI
