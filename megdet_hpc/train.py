@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse(argv)
 
     def _run() -> int:
-        # The config first, torch after: a bad config or command line is refused before the ~5 s of
+        # The config and the data files first, torch after: bad input is refused before the ~7 s of
         # CPU that importing torch and torchvision costs every rank.
         from megdet_hpc.config import (
             DEFAULT_IMAGES_PER_GPU,
@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.opts)
         if total is not None:
             cfg = scale_to_total_batch(cfg, total)
+        # The data files too (the same checks as the datasets, which reuse these parses).
+        from megdet_hpc.data.annotations import check_dataset_files
+
+        check_dataset_files(cfg.data.train_images, cfg.data.train_annotations)
+        if cfg.train.eval_at_end or cfg.train.eval_period:
+            check_dataset_files(cfg.data.val_images, cfg.data.val_annotations)
 
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import CheckpointError

@@ -56,8 +56,8 @@ def test_visualize_a_checkpoint_of_another_model_is_one_line(
 
 
 @pytest.mark.parametrize("module", ["train", "evaluate"])
-def test_a_bad_config_is_refused_before_torch_is_imported(module: str, tiny_config) -> None:
-    """Every rank pays ~5 s of CPU to import torch and torchvision: a config error must not."""
+def test_bad_input_is_refused_before_torch_is_imported(module: str, tiny_config, tmp_path: Path) -> None:
+    """Every rank pays ~7 s of CPU to import torch and torchvision: a config or data error must not."""
     import subprocess
     import sys
 
@@ -71,3 +71,14 @@ def test_a_bad_config_is_refused_before_torch_is_imported(module: str, tiny_conf
     proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert "train.log_period must be > 0" in proc.stderr
+    # and so is a broken annotation file (the file the module reads: train, val)
+    annotations = tmp_path / "broken.json"
+    annotations.write_text('{"images": [], "categories": []}')
+    argv = [
+        "--config",
+        str(tiny_config()),
+        f"data.{'train' if module == 'train' else 'val'}_annotations={annotations}",
+    ]
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert f"{annotations}: no 'annotations' list" in proc.stderr
