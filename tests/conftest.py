@@ -175,6 +175,25 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     return ModulesSlurmTogether(config, log)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    """``MEGDET_TEST_TIMELINE=FILE``: one JSON line per test (worker, start, end, set-up and teardown
+    included), to see where a parallel run's minutes go (``python scripts/test_timeline.py FILE``)."""
+    path = os.environ.get("MEGDET_TEST_TIMELINE")
+    if not path:
+        return (yield)
+    import json
+    import time
+
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        record = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid}
+        with open(path, "a") as f:
+            f.write(json.dumps({**record, "start": start, "end": time.time()}) + "\n")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     """Fail the run when a ``test_*.py`` under a collected folder yields no test at all.
