@@ -140,6 +140,28 @@ def _skip_gpu_tests_without_cuda(items: list) -> None:
             item.add_marker(no_cuda)
 
 
+# What a run holds on disk at its peak (tiny trainings' checkpoints, ~120 MB each, and the Slurm
+# clusters' state), with a margin; measured ~4 GiB with pytest's "failed" retention (pyproject.toml).
+DISK_NEEDED_GIB = 8
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to start on a nearly full temp disk: the run would fail dozens of tests later, each with
+    "no space left on device" (a CI run once did), and fill the disk for everything else."""
+    if hasattr(session.config, "workerinput"):  # xdist workers: the controller checked
+        return
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(root).free / 2**30
+    if free < DISK_NEEDED_GIB:
+        raise pytest.UsageError(
+            f"only {free:.1f} GiB free in {root}; the tests need ~{DISK_NEEDED_GIB} GiB there "
+            "(free some space, or point TMPDIR at a larger disk)"
+        )
+
+
 SLURM_MARKS = ("slurm_cluster", "multinode_cluster", "pytest.mark.slurm")
 
 
