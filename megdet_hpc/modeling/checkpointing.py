@@ -1,5 +1,10 @@
 """MegDet's sub-linear memory: recompute ResNet stages (and optionally the FPN) in backward.
 
+Which stages: ``layer1``-``layer3`` (res2-res4), not ``layer4``.  Activation memory falls with the
+resolution (a stage at stride 32 holds ~5% of the backbone's activations at 800 px) while compute
+does not (``layer4`` is ~20% of the backbone's FLOPs), so recomputing ``layer4`` would buy little
+memory for a fifth of the recomputation time (``bench/activation_memory.py`` measures both).
+
 MegDet trained at large image sizes with 2 images per GPU by keeping fewer activations.  Here each
 checkpointed part stores only its input and recomputes its activations in backward
 (``torch.utils.checkpoint``, non-reentrant), through ``layers.recompute`` so CGBN layers inside reuse
@@ -17,7 +22,8 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from megdet_hpc.layers.recompute import checkpointed, should_checkpoint
 
-RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+# The stages recomputed (see the module docstring for why not layer4).
+RESNET_STAGES = ("layer1", "layer2", "layer3")
 
 
 class CheckpointedSequential(nn.Sequential):

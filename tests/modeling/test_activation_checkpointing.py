@@ -63,6 +63,7 @@ def test_state_dict_keys_do_not_change() -> None:
     ckpt = build_model(load_config(None, [*base, "model.activation_checkpointing=[backbone,fpn]"]))
     assert list(plain.state_dict()) == list(ckpt.state_dict())
     assert isinstance(ckpt.backbone.body.layer3, CheckpointedSequential)
+    assert not isinstance(ckpt.backbone.body.layer4, CheckpointedSequential)  # little memory, much compute
     assert isinstance(ckpt.backbone.fpn, CheckpointedFeaturePyramidNetwork)
     ckpt.load_state_dict(plain.state_dict())  # checkpoints move between the two freely
     with torch.no_grad():
