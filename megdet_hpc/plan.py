@@ -75,6 +75,12 @@ def build_parser() -> ArgumentParser:
         default=MPIRUN,
         help="launch method (and so comm backend) of the calibration runs, as launch local --launcher",
     )
+    p.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=12,
+        help="timed training steps per calibration run (after 3 untimed ones; fewer: quicker, noisier)",
+    )
     p.add_argument("--images-per-gpu", type=int)
     p.add_argument("--out", type=Path, default=Path("plan"))
     p.add_argument("opts", nargs="*")
@@ -96,7 +102,11 @@ def plan(a) -> int:  # type: ignore[no-untyped-def]
     if a.calibrate:
         from megdet_hpc.perf.calibrate import calibrate
 
-        machine, extra = calibrate(a.config, a.opts, cfg.data.images_per_gpu, a.launcher)
+        if a.calibrate_steps < 1:
+            raise UserError("--calibrate-steps must be >= 1")
+        machine, extra = calibrate(
+            a.config, a.opts, cfg.data.images_per_gpu, a.launcher, steps=a.calibrate_steps
+        )
     else:
         machine = PRESETS[a.preset]
         measured = None

@@ -115,7 +115,7 @@ def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
 
 
 def calibrate(
-    config: str, opts: list[str], images_per_gpu: int, launcher: str = "mpirun"
+    config: str, opts: list[str], images_per_gpu: int, launcher: str = "mpirun", steps: int = 12
 ) -> tuple[Machine, dict]:
     """Measure with real processes under ``launcher``: collectives (2 ranks: latency and the gradient
     allreduce), the 1-process step, and the real 2-process step (CGBN over both ranks) that validates
@@ -127,12 +127,9 @@ def calibrate(
 
     coll = collect(launcher, 2, "--collectives", "--config", config, *opts)
     layout = [f"data.images_per_gpu={images_per_gpu}"]
-    one = collect(
-        "single", 1, "--step", "--config", config, *opts, f"solver.total_batch={images_per_gpu}", *layout
-    )
-    two = collect(
-        launcher, 2, "--step", "--config", config, *opts, f"solver.total_batch={2 * images_per_gpu}", *layout
-    )
+    step = ["--step", "--steps", str(steps), "--config", config, *opts]
+    one = collect("single", 1, *step, f"solver.total_batch={images_per_gpu}", *layout)
+    two = collect(launcher, 2, *step, f"solver.total_batch={2 * images_per_gpu}", *layout)
     link = Link(coll["alpha_s"], coll["bandwidth_Bps"])
     machine = Machine(
         f"this machine (calibrated, {launcher})",
@@ -151,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--collectives", action="store_true")
     p.add_argument("--step", action="store_true")
+    p.add_argument("--steps", type=int, default=12, help="timed steps of --step (after 3 untimed ones)")
     p.add_argument("--config", required=True)
     p.add_argument("opts", nargs="*")
     a = p.parse(argv)
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.collectives:
             measure_collectives(a.config, a.opts)
         if a.step:
-            measure_step(a.config, a.opts)
+            measure_step(a.config, a.opts, iters=a.steps)
         return 0
 
     return run_cli(_run, "megdet_hpc.perf.calibrate")

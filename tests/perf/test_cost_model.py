@@ -84,6 +84,11 @@ def test_plan_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert plan_main(["--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert plan_main(["--config", str(REPO / "configs/demo_cpu.yaml"), "--gpus", "0"]) == 2
+    assert (
+        plan_main(["--config", str(REPO / "configs/demo_cpu.yaml"), "--calibrate", "--calibrate-steps", "0"])
+        == 2
+    )
+    assert "--calibrate-steps must be >= 1" in capsys.readouterr().err
 
 
 def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
@@ -98,6 +103,8 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
             "--config",
             str(cfg),
             "--calibrate",
+            "--calibrate-steps",
+            "2",
             "--launcher",
             "mpirun",
             "--gpus",
