@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             device = select_device(cfg, comm.local_rank)
             model.to(device)
             out = a.out or Path(cfg.train.output_dir) / "evaluate" / path.stem
-            metrics = evaluate(model, dataset, comm, device, out, cfg.eval.max_images)
+            metrics = evaluate(model, dataset, comm, device, out, cfg.eval.max_images, plots=cfg.train.plots)
             if comm.is_main:
                 scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
                 print(json.dumps({"checkpoint": str(path), "out": str(out), **scalars}))

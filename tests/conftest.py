@@ -47,7 +47,9 @@ TINY_OVERRIDES = {
         "max_iter": 4,
         "steps": [3],
     },
-    "train": {"threads": 1, "log_period": 1, "checkpoint_period": 2, "tensorboard": False},
+    # No TensorBoard and no PNG plots (matplotlib: ~1.5 s of CPU per run): the tests that check them
+    # turn them on.
+    "train": {"threads": 1, "log_period": 1, "checkpoint_period": 2, "tensorboard": False, "plots": False},
     "eval": {"max_images": 4},
 }
 

@@ -139,6 +139,9 @@ class TrainConfig:
     # (warm-up); evaluations do not count.
     stall_timeout_s: float = key(600.0, at_least(0))
     tensorboard: bool = True
+    # PNGs of the training curves (end of training) and of the PR curves (each evaluation), rank 0;
+    # matplotlib costs ~1.5 s of CPU per run, which a job array of short runs may not want.
+    plots: bool = True
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,7 @@ class TrainingRun:
                 t.log_period,
                 self.batch.total,
                 comm.is_main,
-                self.output_dir / "training_curves.png",
+                self.output_dir / "training_curves.png" if t.plots else None,
             ),
             NonFiniteGuard(self.cfg.solver.max_nonfinite),
             preemption,
@@ -386,6 +386,7 @@ class TrainingRun:
                     self.output_dir / "eval",
                     self.cfg.eval.max_images,
                     should_stop=lambda: self.stop_flag.raised,
+                    plots=self.cfg.train.plots,
                 )
         except EvaluationInterrupted:
             if self.comm.is_main:

@@ -94,7 +94,12 @@ class MetricsHook(HookBase):
     skipped (non-finite) step, and the training curves (``curves``, a PNG) when the run completes."""
 
     def __init__(
-        self, writer: MetricsWriter, period: int, images_per_step: int, is_main: bool, curves: Path
+        self,
+        writer: MetricsWriter,
+        period: int,
+        images_per_step: int,
+        is_main: bool,
+        curves: Path | None,
     ) -> None:
         self.writer = writer
         self.period = period
@@ -140,8 +145,9 @@ class MetricsHook(HookBase):
             self._bar.close()
             self._bar = None
         if self.trainer.completed and self.is_main:
-            plot = self.writer.plot(self.curves)
-            log.info("training done: %d iterations; curves in %s", self.trainer.iteration, plot)
+            plot = self.writer.plot(self.curves) if self.curves is not None else None
+            where = f"; curves in {plot}" if plot is not None else ""
+            log.info("training done: %d iterations%s", self.trainer.iteration, where)
 
 
 class StallWatchdogHook(HookBase):

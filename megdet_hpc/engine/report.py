@@ -30,7 +30,8 @@ def summarize(output_dir: Path) -> str:
     if evals:
         e = evals[-1]
         lines.append(f"COCO bbox (val): AP {e['AP']:.3f}  AP50 {e['AP50']:.3f}  AP75 {e['AP75']:.3f}")
-    lines.append(f"curves: {output_dir / 'training_curves.png'}")
+    if (output_dir / "training_curves.png").exists():
+        lines.append(f"curves: {output_dir / 'training_curves.png'}")
     lines.append(
         f"checkpoints: {output_dir} (last_checkpoint -> "
         f"{(output_dir / 'last_checkpoint').read_text().strip() if (output_dir / 'last_checkpoint').exists() else '-'})"

@@ -3,7 +3,7 @@
 Every rank runs the detector on its shard (``index % world == rank``), detections are converted to
 COCO results (original image and category ids, xywh boxes) and gathered to rank 0, which runs
 ``COCOeval`` and writes ``bbox_results.json``, ``metrics.json`` (the 12 standard numbers and the AP of
-every class), ``summary.txt`` (pycocotools' own 12-line table, also logged) and ``pr_curves.png``
+every class), ``summary.txt`` (pycocotools' own 12-line table, also logged) and ``pr_curves.png`` (``plots``)
 (precision-recall per class at IoU 0.5).  CGBN layers are in eval mode and use running statistics.
 
 Inference can be interrupted: with ``should_stop`` every batch ends with a one-element allreduce (the
@@ -181,6 +181,7 @@ def evaluate(
     output_dir: Path | None = None,
     max_images: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Inference on every rank, metrics on rank 0, broadcast to all; writes the files listed in the
     module docstring when ``output_dir`` is given.  ``EvaluationInterrupted`` when ``should_stop``
@@ -202,6 +203,6 @@ def evaluate(
                 json.dumps({k: v for k, v in full.items() if k != "summary"}, indent=2)
             )
             (output_dir / "summary.txt").write_text(full["summary"] + "\n")
-            if precision is not None:
+            if plots and precision is not None:
                 plot_pr_curves(dataset, precision, output_dir / "pr_curves.png")
     return comm.broadcast_object(metrics, root=0)

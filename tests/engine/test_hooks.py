@@ -205,6 +205,16 @@ def test_metrics_every_period_and_curves_when_done(tmp_path: Path) -> None:
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_no_curves_without_plots(tmp_path: Path) -> None:
+    """``train.plots=false``: the metrics as usual, no PNG."""
+    writer = MetricsWriter(tmp_path, True, tensorboard=False)
+    t = ScriptedLoop(max_iter=2)
+    t.register_hooks([MetricsHook(writer, 1, 4, True, None)])
+    t.train()
+    assert [r["iteration"] for r in writer.records] == [1, 2]
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_the_watchdog_runs_during_training_and_each_step_restarts_its_deadline() -> None:
     watchdog = StallWatchdog(3600, lambda: [], lambda: 0)
     beats: list[float] = []

@@ -19,7 +19,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def test_single_process_trains_checkpoints_and_evaluates(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config()
+    cfg = tiny_config(train={"plots": True})
     proc = run("single", 1, [*TRAIN, "--config", str(cfg)], timeout=300)
     out = tmp_path / "out"
     rows = read_metrics(out)
@@ -31,6 +31,7 @@ def test_single_process_trains_checkpoints_and_evaluates(tiny_config, tmp_path: 
     assert (out / "last_checkpoint").read_text().strip() == "model_0000004.pth"
     assert (out / "eval/metrics.json").exists() and (out / "eval/bbox_results.json").exists()
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "eval/pr_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "training done" in proc.stdout
 
 

@@ -115,7 +115,9 @@ def finish(proc: subprocess.Popen, timeout: float = HANG_GUARD) -> tuple[int, st
 @pytest.fixture
 def finished_run(tiny_config, tmp_path: Path) -> tuple[Path, Path]:
     """A 6-iteration run with checkpoints at 2, 4, 6 and an evaluation."""
-    cfg = tiny_config(solver={"max_iter": 6}, train={"checkpoint_period": 2, "keep_checkpoints": 3})
+    cfg = tiny_config(
+        solver={"max_iter": 6}, train={"checkpoint_period": 2, "keep_checkpoints": 3, "plots": True}
+    )
     proc, _ = train(cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return cfg, tmp_path / "out"
