@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, a.opts)  # a bad config is refused before torch is imported
         from megdet_hpc.data.annotations import check_dataset_files
 
-        check_dataset_files(cfg.data.val_images, cfg.data.val_annotations)  # so are broken data files
+        check_dataset_files(
+            cfg.data.val_images, cfg.data.val_annotations, keep=True
+        )  # so are broken data files
 
         from megdet_hpc import distributed
         from megdet_hpc.data.loader import build_val_dataset

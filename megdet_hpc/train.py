@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         # The data files too (the same checks as the datasets, which reuse these parses).
         from megdet_hpc.data.annotations import check_dataset_files
 
-        check_dataset_files(cfg.data.train_images, cfg.data.train_annotations)
+        check_dataset_files(cfg.data.train_images, cfg.data.train_annotations, keep=True)
         if cfg.train.eval_at_end or cfg.train.eval_period:
-            check_dataset_files(cfg.data.val_images, cfg.data.val_annotations)
+            check_dataset_files(cfg.data.val_images, cfg.data.val_annotations, keep=True)
 
         from megdet_hpc import distributed
         from megdet_hpc.checkpoint import CheckpointError

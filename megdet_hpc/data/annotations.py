@@ -2,9 +2,8 @@
 
 The structural half of the input contract described in ``megdet_hpc.data.coco`` lives here so that
 ``python -m megdet_hpc.train`` can refuse a broken annotation file before it imports torch and
-torchvision (several seconds of CPU on every rank, for a one-line error).  ``load_coco`` keeps the
-parse it made for the file as it is on disk, so the early check and the dataset built after it share
-one parse (a COCO train2017 file takes ~20 s to read).
+torchvision (several seconds of CPU on every rank, for a one-line error).  The early check hands its
+parse to the dataset built after it (``keep``), so a file is read once (COCO train2017: ~20 s).
 """
 
 from __future__ import annotations
@@ -94,13 +93,16 @@ def _validate(data: Any, path: Path) -> None:
             )
 
 
-# (resolved path, mtime_ns, size) -> the parse of that file; one entry per file (train, val).
-_parsed: dict[Path, tuple[tuple[int, int], COCO]] = {}
+# Parses handed from the pre-torch check to the dataset: resolved path -> ((mtime_ns, size), parse).
+_kept: dict[Path, tuple[tuple[int, int], COCO]] = {}
 
 
-def load_coco(annotations: str | Path) -> COCO:
-    """Parse, check and index a COCO instances file (one-line DataError on any problem).  A file
-    unchanged on disk since its last parse in this process is not read again."""
+def load_coco(annotations: str | Path, *, keep: bool = False) -> COCO:
+    """Parse, check and index a COCO instances file (one-line DataError on any problem).
+
+    ``keep``: hold this parse for the next ``load_coco`` of the same file, which takes it if the file
+    is unchanged on disk (same modification time and size) and parses again otherwise.  Taken once,
+    so nothing outlives the dataset that uses it and a later load always reads the file."""
     path = Path(annotations)
     if not path.is_file():
         raise DataError(f"annotation file not found: {where(path)}")
@@ -109,9 +111,14 @@ def load_coco(annotations: str | Path) -> COCO:
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from exc
     key, state = path.resolve(), (stat.st_mtime_ns, stat.st_size)
-    cached = _parsed.get(key)
-    if cached is not None and cached[0] == state:
-        return cached[1]
+    kept = _kept.pop(key, None)
+    coco = kept[1] if kept is not None and kept[0] == state else _parse(path)
+    if keep:
+        _kept[key] = (state, coco)
+    return coco
+
+
+def _parse(path: Path) -> COCO:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -123,13 +130,13 @@ def load_coco(annotations: str | Path) -> COCO:
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    _parsed[key] = (state, coco)
     return coco
 
 
-def check_dataset_files(images: str | Path, annotations: str | Path) -> COCO:
-    """The image folder exists and the annotation file is a valid COCO instances file (its parse)."""
+def check_dataset_files(images: str | Path, annotations: str | Path, *, keep: bool = False) -> COCO:
+    """The image folder exists and the annotation file is a valid COCO instances file (its parse;
+    ``keep`` as for ``load_coco``)."""
     root = Path(images)
     if not root.is_dir():
         raise DataError(f"image folder not found: {where(root)}")
-    return load_coco(annotations)
+    return load_coco(annotations, keep=keep)

@@ -141,3 +141,26 @@ def test_generator_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_a_kept_parse_is_handed_over_once_and_only_for_the_unchanged_file(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """train.py checks the annotation file before importing torch and hands that parse to the dataset
+    (``keep``): taken once, and never for a file changed since."""
+    import os
+
+    from megdet_hpc.data.annotations import load_coco
+
+    path = tmp_path / "instances.json"
+    path.write_text((tiny_data / "annotations" / "instances_train.json").read_text())
+    kept = load_coco(path, keep=True)
+    assert load_coco(path) is kept  # handed over
+    assert load_coco(path) is not kept  # once
+    kept = load_coco(path, keep=True)
+    content = json.loads(path.read_text())
+    content["images"] = content["images"][:3]
+    path.write_text(json.dumps(content))
+    os.utime(path, ns=(1, 1))  # even a rewrite within the clock's resolution differs in mtime or size
+    changed = load_coco(path)
+    assert changed is not kept and len(changed.imgs) == 3
