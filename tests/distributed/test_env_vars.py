@@ -80,10 +80,11 @@ def test_defaults_and_good_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     env.check_all()
 
 
-def test_a_bad_value_stops_training_in_one_line(tmp_path: Path) -> None:
-    """The real entry point: no traceback, exit 2, before any rendezvous."""
+def test_a_bad_value_stops_training_in_one_line(tiny_config, tmp_path: Path) -> None:
+    """The real entry point: no traceback, exit 2, before any rendezvous (config and data are valid:
+    they are checked first)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "megdet_hpc.train", "--config", str(REPO / "configs/demo_cpu.yaml")],
+        [sys.executable, "-m", "megdet_hpc.train", "--config", str(tiny_config())],
         cwd=tmp_path,
         env={**_base_env(), env.COMM_TIMEOUT_S: "-1"},
         capture_output=True,
