@@ -4,8 +4,10 @@ Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.j
 
 * ``bn``: fwd+bwd of the 53 BatchNorm layers of ResNet-50 at 2 images of 800x1216, fp32 and fp16:
   ``nn.BatchNorm2d`` vs CGBN with its statistics path forced in one process (``force_sync``), with the
-  portable kernels and with torch's fused SyncBN kernels.  Target: CGBN <= 1.5x BN.
-* ``sync_free``: a CGBN forward + backward (both kernel sets, several calls) under
+  portable kernels, with torch's fused SyncBN kernels and with ``kernels="compiled"`` (torch.compile;
+  its row is left out, and ``gpu.json["compiled_kernels"]`` says why, if it cannot compile here).
+  Target: CGBN <= 1.5x BN.
+* ``sync_free``: a CGBN forward + backward (every kernel set, several calls) under
   ``torch.cuda.set_sync_debug_mode("error")``.
 * ``graph``: one CGBN layer captured in CUDA graphs (``make_graphed_callables``) and replayed, against
   the eager layer; eager vs replay time.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import statistics
@@ -125,6 +128,11 @@ def bn_layers(sizes: Sizes, device: torch.device, comm: Any) -> list[dict]:
                 for s in shapes
             ],
         }
+        if compiled_kernels_error(device, comm) == "":
+            stacks["CGBN compiled"] = [
+                CrossGPUBatchNorm2d(s[1], comm=comm, force_sync=True, kernels="compiled").to(device)
+                for s in shapes
+            ]
 
         def run(mods: list[nn.Module], xs: list[torch.Tensor] = xs, gs: list[torch.Tensor] = gs) -> None:
             for m, x, g in zip(mods, xs, gs):
@@ -151,12 +159,33 @@ def bn_layers(sizes: Sizes, device: torch.device, comm: Any) -> list[dict]:
     return rows
 
 
+@functools.cache
+def compiled_kernels_error(device: torch.device, comm: Any) -> str:
+    """ "" if ``kernels="compiled"`` works here, else why not (its first line).  Only on CUDA: on the
+    CPU smoke it would add a ~30 s compilation (tests/layers/test_cgbn_compiled.py covers the CPU)."""
+    if device.type != "cuda":
+        return "CUDA only in this script"
+    from megdet_hpc.layers import CrossGPUBatchNorm2d
+
+    try:
+        layer = CrossGPUBatchNorm2d(8, comm=comm, force_sync=True, kernels="compiled").to(device)
+        layer(torch.randn(2, 8, 4, 4, device=device, requires_grad=True)).sum().backward()
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 - a missing Triton or compiler is reported, not fatal
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return ""
+
+
+def kernel_sets(device: torch.device, comm: Any) -> tuple[str, ...]:
+    return ("portable", "fused") + (("compiled",) if compiled_kernels_error(device, comm) == "" else ())
+
+
 # -- sync-free ----------------------------------------------------------------------------------------
 def sync_free(device: torch.device, comm: Any) -> list[dict]:
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     rows = []
-    for kernels in ("portable", "fused"):
+    for kernels in kernel_sets(device, comm):
         for layout in ("contiguous", "channels_last"):
             layer = CrossGPUBatchNorm2d(64, comm=comm, force_sync=True, kernels=kernels).to(device)
             x = torch.randn(2, 64, 40, 56, device=device) + 3.0
@@ -192,7 +221,7 @@ def graph_capture(device: torch.device, comm: Any) -> list[dict]:
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     rows = []
-    for kernels in ("portable", "fused"):
+    for kernels in kernel_sets(device, comm):
         row: dict[str, Any] = {"kernels": kernels, "captured": False, "max_diff": None, "error": ""}
         if device.type != "cuda":
             row["error"] = "needs CUDA"
@@ -657,6 +686,8 @@ def main() -> int:
                 ],
             )
         )
+    result["compiled_kernels"] = compiled_kernels_error(device, comm) or "ok"
+    print(f"\nkernels=compiled: {result['compiled_kernels']}")
     result["targets"] = check_targets(result)
     print("\nTargets")
     for name, ok in result["targets"].items():

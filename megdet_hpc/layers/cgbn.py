@@ -29,7 +29,9 @@ with ``out=``, the count is a device tensor, the running statistics are updated 
 (``bench/cgbn_ops.py`` counts the ops next to ``nn.BatchNorm2d``).
 Kernels (``kernels=``): ``portable`` uses native ops present on CPU and CUDA (``batch_norm_update_stats``,
 eval-mode ``native_batch_norm``, ``native_batch_norm_backward``); ``fused`` uses torch's CUDA SyncBN
-elementwise kernels (``batch_norm_elemt``, ``batch_norm_backward_elemt``); ``auto`` = fused on CUDA.
+elementwise kernels (``batch_norm_elemt``, ``batch_norm_backward_elemt``); ``auto`` = fused on CUDA;
+``compiled`` runs each side of each collective as one ``torch.compile`` kernel (``cgbn_compiled.py``:
+4 graph calls and one native kernel per layer instead of ~30 ops, at a one-off compilation).
 
 Semantics are ``nn.BatchNorm2d``'s / ``nn.SyncBatchNorm``'s in every mode: training synchronises;
 eval with running buffers uses them; eval without buffers (``track_running_stats=False``) uses *local*
@@ -53,9 +55,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from megdet_hpc.distributed import Comm, Group, stats_comm
-from megdet_hpc.layers import recompute
+from megdet_hpc.layers import cgbn_compiled, recompute
 
-KERNELS = ("auto", "portable", "fused")
+KERNELS = ("auto", "portable", "fused", "compiled")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -266,8 +268,16 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         comm, group, name, eps = layer._comm, layer._group, layer._name, layer.eps
         assert comm is not None
-        ws = layer._workspace(x)
         replay = recompute.current_mode() == recompute.REPLAY
+        ctx.layer, ctx.eps = layer, eps
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None,
+        )
+        ctx.compiled = _compiled(layer, x)
+        if ctx.compiled:
+            return _compiled_forward(ctx, x, weight, bias, layer, replay)
+        ws = layer._workspace(x)
         # Deterministic in x: a recomputation under checkpointing shifts exactly as its forward did.
         d, shift, moments = (x, None, None) if layer.two_pass else _shard(x)
         if replay:  # recomputation under activation checkpointing: the forward's statistics, no collective
@@ -290,11 +300,6 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         else:
             out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, eps)[0]
         ctx.save_for_backward(d, w, frame.mean, frame.var, frame.invstd, frame.total)
-        ctx.layer, ctx.eps = layer, eps
-        ctx.param_dtypes = (
-            weight.dtype if weight is not None else None,
-            bias.dtype if bias is not None else None,
-        )
         return out
 
     @staticmethod
@@ -302,16 +307,20 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         d, w, mean, var, invstd, total = ctx.saved_tensors
         layer: CrossGPUBatchNorm2d = ctx.layer
-        ws = layer._workspace(d)
-        c = d.shape[1]
         dy = grad_out.contiguous(memory_format=_layout(d))
-        grad_w = grad_b = None
+        grad_w = grad_b = grad_x = None
+        if ctx.compiled:
+            payload, grad_b, grad_w = cgbn_compiled.kernel("grad_sums")(dy, d, mean, invstd)
+            if ctx.needs_input_grad[0]:
+                layer._comm.allreduce_(payload, layer._group, layer._name and f"{layer._name}.bwd")
+                grad_x = cgbn_compiled.kernel("grad_input")(dy, d, payload, total, mean, invstd, w)
+            return (grad_x, *_param_grads(ctx, grad_w, grad_b, d))
+        ws = layer._workspace(d)
         if d.numel():
             weight = w if w is not None else ws.ones
             _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 dy, d, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
             )
-        grad_x = None
         if ctx.needs_input_grad[0]:  # the group sums only feed the input gradient (same on every rank)
             if d.numel():
                 torch.cat([grad_b, grad_w], out=ws.grad)
@@ -319,20 +328,76 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
                 ws.grad.zero_()
             layer._comm.allreduce_(ws.grad, layer._group, layer._name and f"{layer._name}.bwd")
             grad_x = _grad_input(dy, d, w, mean, var, invstd, total, ws, layer.kernels, ctx.eps)
-        w_dtype, b_dtype = ctx.param_dtypes
-        if w_dtype is None or not ctx.needs_input_grad[1]:
-            grad_w = None
-        elif grad_w is None:
-            grad_w = torch.zeros(c, dtype=w_dtype, device=d.device)
-        if b_dtype is None or not ctx.needs_input_grad[2]:
-            grad_b = None
-        elif grad_b is None:
-            grad_b = torch.zeros(c, dtype=b_dtype, device=d.device)
-        if grad_w is not None and grad_w.dtype != w_dtype:  # a .half() model: half parameters
-            grad_w = grad_w.to(w_dtype)
-        if grad_b is not None and grad_b.dtype != b_dtype:
-            grad_b = grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None
+        return (grad_x, *_param_grads(ctx, grad_w, grad_b, d))
+
+
+def _param_grads(
+    ctx: Any, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None, d: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    """Weight and bias gradients as autograd wants them: None where not needed, the parameters' dtype."""
+    c = d.shape[1]
+    w_dtype, b_dtype = ctx.param_dtypes
+    if w_dtype is None or not ctx.needs_input_grad[1]:
+        grad_w = None
+    elif grad_w is None:
+        grad_w = torch.zeros(c, dtype=w_dtype, device=d.device)
+    if b_dtype is None or not ctx.needs_input_grad[2]:
+        grad_b = None
+    elif grad_b is None:
+        grad_b = torch.zeros(c, dtype=b_dtype, device=d.device)
+    if grad_w is not None and grad_w.dtype != w_dtype:  # a .half() model: half parameters
+        grad_w = grad_w.to(w_dtype)
+    if grad_b is not None and grad_b.dtype != b_dtype:
+        grad_b = grad_b.to(b_dtype)
+    return grad_w, grad_b, None
+
+
+def _compiled(layer: CrossGPUBatchNorm2d, x: torch.Tensor) -> bool:
+    """Whether this call takes the compiled kernels: those cover the common case (a non-empty shard,
+    one-pass statistics, a momentum or no running buffers); the rest stays eager.  Deterministic in
+    ``x``, so a recomputation under checkpointing takes the path its forward took."""
+    tracking = layer.track_running_stats and layer.running_mean is not None
+    return (
+        layer.kernels == "compiled"
+        and not layer.two_pass
+        and x.numel() > 0
+        and (layer.momentum is not None or not tracking)
+    )
+
+
+def _compiled_forward(
+    ctx: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    layer: CrossGPUBatchNorm2d,
+    replay: bool,
+) -> torch.Tensor:
+    """The forward in two compiled kernels around the collective and one native normalisation."""
+    if replay:
+        d, frame = cgbn_compiled.shift(x), recompute.load(layer)
+    else:
+        d, payload, k = cgbn_compiled.kernel("shard_sums")(x)
+        assert layer._comm is not None
+        layer._comm.allreduce_(payload, layer._group, layer._name and f"{layer._name}.fwd")
+        track = layer.training and layer.track_running_stats and layer.running_mean is not None
+        buffers = (layer.running_mean, layer.running_var, layer.num_batches_tracked) if track else (None,) * 3
+        constants = layer._constants(x.device)
+        frame = _Frame(
+            *cgbn_compiled.kernel("frame")(payload, k, constants, *buffers, sdtype=_stats_dtype(x))
+        )
+        if recompute.current_mode() == recompute.RECORD:
+            recompute.save(layer, frame)
+    w, b = _param(weight), _param(bias)
+    if _fused(d, "fused"):
+        out = torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, layer.eps)
+    else:
+        out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, layer.eps)[0]
+    # Detached: the backward kernel must see a plain tensor (see ``cgbn_compiled.kernel``).
+    ctx.save_for_backward(
+        d, w.detach() if w is not None else None, frame.mean, frame.var, frame.invstd, frame.total
+    )
+    return out
 
 
 def _frame(ws: _Workspace, eps: float) -> tuple[_Frame, torch.Tensor, torch.Tensor]:
@@ -424,6 +489,8 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
         self._group_ready = False
         self._name: str | None = None  # stable collective name, the same on every rank
         self._ws: _Workspace | None = None
+        self._consts: torch.Tensor | None = None
+        self._consts_key: tuple[float, float] | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, two_pass={self.two_pass}"
@@ -431,7 +498,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     def __getstate__(self) -> dict[str, Any]:
         # Comms, process groups, buffers in flight and queued statistics are per-process: never pickled.
         state = self.__dict__.copy()
-        state.update(_comm=None, _group=None, _group_ready=False, _name=None, _ws=None)
+        state.update(_comm=None, _group=None, _group_ready=False, _name=None, _ws=None, _consts=None)
         return state
 
     def _resolve_comm(self) -> Comm:
@@ -443,6 +510,14 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             self._name = self._comm.unique_name("cgbn")
             self._group_ready = True
         return self._comm
+
+    def _constants(self, device: torch.device) -> torch.Tensor:
+        """``[momentum, eps]`` as a float64 device tensor for the compiled kernels, made once."""
+        momentum = self.momentum if self.momentum is not None else 0.0
+        if self._consts is None or self._consts.device != device or self._consts_key != (momentum, self.eps):
+            self._consts = torch.tensor([momentum, self.eps], dtype=torch.float64, device=device)
+            self._consts_key = (momentum, self.eps)
+        return self._consts
 
     def _workspace(self, x: torch.Tensor) -> _Workspace:
         key = (x.shape[1], x.device, _stats_dtype(x))

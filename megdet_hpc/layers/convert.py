@@ -22,6 +22,7 @@ def convert_to_cgbn(
     group_size: int | None = None,
     convert_frozen: bool = False,
     two_pass: bool = False,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Return ``module`` with every ``nn.BatchNorm2d`` (and ``FrozenBatchNorm2d`` if asked) replaced.
 
@@ -42,6 +43,7 @@ def convert_to_cgbn(
             module.track_running_stats,
             group_size=group_size,
             two_pass=two_pass,
+            kernels=kernels,
         )
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
@@ -52,7 +54,9 @@ def convert_to_cgbn(
         return new
     frozen = _frozen_batch_norm_type() if convert_frozen else None
     if frozen is not None and isinstance(module, frozen):
-        new = CrossGPUBatchNorm2d(module.weight.numel(), module.eps, group_size=group_size, two_pass=two_pass)
+        new = CrossGPUBatchNorm2d(
+            module.weight.numel(), module.eps, group_size=group_size, two_pass=two_pass, kernels=kernels
+        )
         with torch.no_grad():
             new.weight.copy_(module.weight)
             new.bias.copy_(module.bias)
@@ -62,7 +66,7 @@ def convert_to_cgbn(
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        converted = convert_to_cgbn(child, group_size, convert_frozen, two_pass)
+        converted = convert_to_cgbn(child, group_size, convert_frozen, two_pass, kernels)
         if converted is not child:
             setattr(module, name, converted)
     return module

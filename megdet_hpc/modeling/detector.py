@@ -133,7 +133,7 @@ def build_model(cfg: Config) -> FasterRCNN:
             ) from exc
     if m.norm == "cgbn":
         group = m.bn_group_size or None
-        convert = partial(convert_to_cgbn, group_size=group, two_pass=m.cgbn_two_pass)
+        convert = partial(convert_to_cgbn, group_size=group, two_pass=m.cgbn_two_pass, kernels=m.cgbn_kernels)
         if "backbone" in m.cgbn_where:
             convert(model.backbone.body)
         if "fpn" in m.cgbn_where:

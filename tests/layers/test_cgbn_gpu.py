@@ -2,8 +2,8 @@
 
 Skipped only where CUDA is absent (``make test-gpu``, ``bash bench/gpu.sh`` run them).  Two ranks share
 the GPU over torch gloo, which carries CUDA tensors (NCCL refuses two ranks on one device; with two or
-more GPUs NCCL is used).  Both kernel sets are covered: the portable native ops and torch's fused SyncBN
-kernels (the CUDA default).
+more GPUs NCCL is used).  Every kernel set is covered: the portable native ops, torch's fused SyncBN
+kernels (the CUDA default) and ``kernels="compiled"`` (torch.compile: Triton kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _transport() -> dict[str, str]:
     return {"MEGDET_COMM": "torch", "MEGDET_TORCH_BACKEND": backend}
 
 
-@pytest.mark.parametrize("kernels", ["portable", "fused"])
+@pytest.mark.parametrize("kernels", ["portable", "fused", "compiled"])
 def test_two_ranks_on_cuda_match_float64_bn(kernels: str) -> None:
     env = {**_transport(), "MEGDET_TEST_DEVICE": "cuda", "MEGDET_TEST_KERNELS": kernels}
     reports = collect("torchrun", 2, [WORKER], env=env, timeout=300)
@@ -55,7 +55,7 @@ def test_two_ranks_on_cuda_match_float64_bn(kernels: str) -> None:
         assert rep["eval_collectives"] == 0
 
 
-@pytest.mark.parametrize("kernels", ["portable", "fused"])
+@pytest.mark.parametrize("kernels", ["portable", "fused", "compiled"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_and_backward_never_wait_for_the_gpu(kernels: str, layout: str, dtype: torch.dtype) -> None:
@@ -86,7 +86,7 @@ def test_empty_input_on_cuda_joins_and_leaves_running_statistics() -> None:
     )
 
 
-@pytest.mark.parametrize("kernels", ["portable", "fused"])
+@pytest.mark.parametrize("kernels", ["portable", "fused", "compiled"])
 def test_layer_captured_in_a_cuda_graph_replays_like_eager(kernels: str) -> None:
     """Nothing in the layer stops CUDA-graph capture: forward and backward captured
     (``make_graphed_callables``), replayed on new data, equal to the eager layer."""

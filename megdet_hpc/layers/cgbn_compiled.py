@@ -1,0 +1,132 @@
+"""CGBN's per-layer arithmetic as four compiled kernels (``kernels="compiled"``).
+
+Why: the eager layer issues ~37 top-level ops per forward + backward (``bench/cgbn_ops.py``), most of
+them on C-sized vectors around the two collectives -- on CUDA each is a kernel launch, so a ResNet-50
+step spends its host time launching tiny kernels.  Here each side of each collective is one function
+compiled by ``torch.compile`` (Inductor: Triton kernels on CUDA, vectorised C++ on CPU, which needs a
+C++ compiler), so a layer is
+
+* forward: ``shard_sums`` (shift, moments, float64 payload: one fused reduction) -> allreduce ->
+  ``frame`` (group mean / variance / Bessel / invstd and the running-statistics update in place) ->
+  one native normalisation kernel;
+* backward: ``grad_sums`` (sum dy, sum dy x_hat: one fused reduction) -> allreduce -> ``grad_input``
+  (the per-channel coefficients and the elementwise input gradient in one kernel).
+
+The arithmetic is the eager layer's (``layers/cgbn.py``): every float32/float64 shard is shifted by its
+first pixel per channel (as on CUDA, no conditioning branch), the payload is ``[n m, n (v + m^2), n]``
+in float64 and the backward payload ``[sum dy, sum dy x_hat]`` in the statistics dtype, so compiled
+and eager ranks can share a group.  Compiling costs ~30 s per process the first time (Inductor caches
+it on disk; a warm start ~8 s) -- worth it for a long GPU job, not for a short test, so the default
+stays eager.  Shapes are dynamic: one compilation serves every layer width.  Calls the compiled path
+does not cover (an empty shard, ``momentum=None``, the two-pass variant) take the eager path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sdtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def shifts(x: torch.Tensor) -> bool:
+    """Whether this input is shifted (every float32/float64 shard; half inputs never are)."""
+    return x.dtype not in _HALF
+
+
+def shift(x: torch.Tensor) -> torch.Tensor:
+    """``x - x[0, :, 0, 0]`` per channel (the shifted-data algorithm; see ``layers/cgbn.py``)."""
+    return x - x[:1, :, :1, :1] if shifts(x) else x
+
+
+def _shard_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, payload, K)``: the shifted shard, ``[n m, n (v + m^2), n]`` (float64, 2C+1) with
+    ``m = K + mean(d)``, and the shift K (float64, C; zeros for half inputs)."""
+    c = x.shape[1]
+    k = x[:1, :, :1, :1]
+    d = x - k if shifts(x) else x
+    df = d.to(_sdtype(x))
+    var_d, mean_d = torch.var_mean(df, dim=(0, 2, 3), correction=0)
+    n = df.numel() // c
+    kf = k.reshape(c).double() if shifts(x) else torch.zeros_like(mean_d, dtype=torch.float64)
+    m = mean_d.double() + kf
+    payload = torch.cat([m * n, (var_d.double() + m * m) * n, m.new_full((1,), n)])
+    return d, payload, kf
+
+
+def _frame(
+    sums: torch.Tensor,
+    k: torch.Tensor,
+    constants: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    tracked: torch.Tensor | None,
+    *,
+    sdtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group statistics from the summed payload, in this shard's frame and the statistics dtype:
+    ``(M - K, V, 1/sqrt(V + eps), count)``; the running buffers are updated in place (unbiased V).
+    ``constants`` is ``[momentum, eps]`` on the device (float64), made once per layer."""
+    c = k.shape[0]
+    count = sums[2 * c :]
+    mean = sums[:c] / count
+    var = (sums[c : 2 * c] / count - mean * mean).clamp(min=0.0)
+    if running_mean is not None and running_var is not None and tracked is not None:
+        unbiased = var * count / (count - 1.0).clamp(min=1.0)
+        tracked.add_(1)
+        momentum = constants[0].to(running_mean.dtype)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    var_s = var.to(sdtype)
+    return (mean - k).to(sdtype), var_s, torch.rsqrt(var_s + constants[1].to(sdtype)), count.to(sdtype)
+
+
+def _grad_sums(
+    dy: torch.Tensor, d: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(payload, sum dy, sum dy x_hat)``: the backward payload ``[sum dy, sum dy x_hat]`` (to be
+    summed over the group) and this shard's own sums (the bias and weight gradients)."""
+    c = d.shape[1]
+    dyf = dy.to(mean.dtype)
+    xhat = (d.to(mean.dtype) - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
+    sum_dy = dyf.sum(dim=(0, 2, 3))
+    sum_dy_xhat = (dyf * xhat).sum(dim=(0, 2, 3))
+    return torch.cat([sum_dy, sum_dy_xhat]), sum_dy, sum_dy_xhat
+
+
+def _grad_input(
+    dy: torch.Tensor,
+    d: torch.Tensor,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """``w invstd (dy - mean(dy) - x_hat mean(dy x_hat))`` with the group means, rounded once."""
+    c = d.shape[1]
+    k1, k2 = (sums[:c] / count).view(1, c, 1, 1), (sums[c:] / count).view(1, c, 1, 1)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    xhat = (d.to(mean.dtype) - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
+    grad = scale.view(1, c, 1, 1) * (dy.to(mean.dtype) - k1 - xhat * k2)
+    return grad.to(d.dtype)
+
+
+_FUNCTIONS = {"shard_sums": _shard_sums, "frame": _frame, "grad_sums": _grad_sums, "grad_input": _grad_input}
+
+
+@functools.cache
+def kernel(name: str) -> Callable[..., Any]:
+    """The compiled function ``name``, compiled once per process on first use.  Floats are never its
+    arguments: under dynamic shapes a Python float becomes a tensor input, i.e. a host-to-device copy
+    every call (momentum and eps live in a device tensor instead; a dtype argument is a constant).
+    Parameters are passed detached: dynamo gives an ``nn.Parameter`` static shapes, which would compile
+    once per layer width and, past its cache limit of 8, fall back to eager."""
+    return torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True)
