@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 from torch import nn
@@ -138,6 +139,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - we record the message
         results["bad_group_error"] = str(exc)
     results["device"] = str(DEVICE)
+    # How many graphs torch.compile built in this rank (kernels="compiled" must have used them).
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    results["compiled_graphs"] = dynamo.counters["stats"]["unique_graphs"] if dynamo else 0
     write_report(comm.rank, results)
     distributed.shutdown()
 

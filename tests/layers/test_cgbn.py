@@ -19,6 +19,9 @@ TOL_BY_CASE = {"bf16": 0.05, "fp16": 0.01}
 # Every launcher at 4 ranks (uneven shards, BN groups of 2); 2 ranks under the two that differ most
 # (Horovod over gloo, MPI) -- each run costs every rank a torch import.
 RUNS = [("hvd-gloo", 2), ("hvd-gloo", 4), ("hvd-mpi", 4), ("mpirun", 2), ("mpirun", 4), ("torchrun", 4)]
+# The 2-rank Horovod run uses kernels="compiled" (torch.compile; every rank compiles, ~30 s); the
+# others the default kernels.
+KERNELS = {("hvd-gloo", 2): "compiled"}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +30,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], l
     out: dict[tuple[str, int], list[dict]] = {}
     for launcher, nproc in RUNS:
         # Horovod itself carries the statistics here (MEGDET_CGBN_COMM=main), not mpi4py.
-        out[(launcher, nproc)] = collect(
-            launcher, nproc, [WORKER], env={"MEGDET_CGBN_COMM": "main"}, timeout=240
-        )
+        kernels = KERNELS.get((launcher, nproc), "auto")
+        env = {"MEGDET_CGBN_COMM": "main", "MEGDET_TEST_KERNELS": kernels}
+        out[(launcher, nproc)] = collect(launcher, nproc, [WORKER], env=env, timeout=240)
         assert len(out[(launcher, nproc)]) == nproc
     return out
 
