@@ -11,8 +11,10 @@ Sections (each a table; all of it in ``bench/results/gpu.json`` and ``$OUT/gpu.j
   ``torch.cuda.set_sync_debug_mode("error")``.
 * ``graph``: one CGBN layer captured in CUDA graphs (``make_graphed_callables``) and replayed, against
   the eager layer; eager vs replay time.
-* ``two_ranks``: 2 ranks sharing the GPU over the same transport (torch gloo): the 53 layers with CGBN
-  vs ``torch.nn.SyncBatchNorm``.  Target: CGBN no slower.
+* ``two_ranks``: 2 ranks sharing the GPU, the 53 layers with CGBN over each statistics transport side by
+  side (``MEGDET_CGBN_COMM``: torchrun's gloo group, mpirun's mpi4py, a torch gloo group under mpirun;
+  NCCL where there are 2 GPUs: it refuses two ranks on one device), and under torchrun against
+  ``torch.nn.SyncBatchNorm``.  Target: CGBN no slower.
 * ``step``: Faster R-CNN R50-FPN training step, AMP, 2 images of 800 px, the project's loader:
   ``SimpleTrainer.run_step`` vs a plain AMP loop on the same model and data vs torchvision's
   ``fasterrcnn_resnet50_fpn`` plain loop, and the step with CGBN forced vs plain BN; images/s and peak
@@ -317,7 +319,9 @@ def two_ranks_worker(smoke: bool) -> None:
             m(x.detach().requires_grad_(True)).backward(g)
 
     contenders = {"CGBN": lambda: run(cg), "torch.nn.SyncBatchNorm": lambda: run(sbn)}
-    if device.type == "cpu":  # SyncBatchNorm refuses CPU tensors: the smoke run times CGBN only
+    # SyncBatchNorm refuses CPU tensors (the smoke run times CGBN only) and needs torch.distributed's
+    # default group (not there under mpirun with the MPI comm).
+    if device.type == "cpu" or comm.name != "torch":
         contenders.pop("torch.nn.SyncBatchNorm")
     comm.barrier()
     times = interleaved(contenders, sizes.bn_iters, sizes.blocks, sizes.warmup, device)
@@ -326,31 +330,49 @@ def two_ranks_worker(smoke: bool) -> None:
             0,
             {
                 "backend": comm.name,
-                "transport": os.environ.get("MEGDET_TORCH_BACKEND", ""),
+                "transport": os.environ.get("MEGDET_CGBN_COMM", "main"),
                 "ms": {k: 1e3 * v for k, v in times.items()},
             },
         )
     distributed.shutdown()
 
 
+# (label, launcher, environment): one statistics transport each.  Gradients are not part of this
+# benchmark; only the layers' collectives run.
+TRANSPORTS = [
+    ("torchrun, gloo (main)", "torchrun", {"MEGDET_COMM": "torch", "MEGDET_TORCH_BACKEND": "gloo"}),
+    ("mpirun, mpi4py (main)", "mpirun", {"MEGDET_COMM": "mpi"}),
+    ("mpirun, torch-gloo group", "mpirun", {"MEGDET_COMM": "mpi", "MEGDET_CGBN_COMM": "torch-gloo"}),
+]
+NCCL_TRANSPORT = ("torchrun, nccl group", "torchrun", {"MEGDET_COMM": "torch", "MEGDET_CGBN_COMM": "nccl"})
+
+
 def two_ranks(smoke: bool) -> list[dict]:
     from common import collect
 
-    env = {"MEGDET_COMM": "torch", "MEGDET_TORCH_BACKEND": "gloo", "OMP_NUM_THREADS": "4"}
-    report = collect(
-        "torchrun", 2, [str(HERE), "--two-ranks-worker", *(["--smoke"] if smoke else [])], env=env
-    )
-    ms = report["ms"]
-    sbn = ms.get("torch.nn.SyncBatchNorm")
-    return [
-        {
-            "contender": k,
-            "transport": f"torch {report['transport']}",
-            "ms": v,
-            "vs_syncbn": v / sbn if sbn else None,
-        }
-        for k, v in ms.items()
-    ]
+    transports = list(TRANSPORTS)
+    if torch.cuda.device_count() >= 2:
+        transports.append(NCCL_TRANSPORT)
+    rows: list[dict] = []
+    sbn = None
+    for label, launcher, extra in transports:
+        env = {"OMP_NUM_THREADS": "4", **extra}
+        argv = [str(HERE), "--two-ranks-worker", *(["--smoke"] if smoke else [])]
+        try:
+            report = collect(launcher, 2, argv, env=env, timeout=600)
+        except Exception as exc:  # noqa: BLE001 - a launcher missing on the GPU machine is a row, not a crash
+            rows.append(
+                {"contender": "CGBN", "transport": label, "ms": None, "error": str(exc).splitlines()[0]}
+            )
+            continue
+        ms = report["ms"]
+        sbn = ms.get("torch.nn.SyncBatchNorm", sbn)
+        for k, v in ms.items():
+            name = k if k != "CGBN" or label == TRANSPORTS[0][0] else f"CGBN over {label}"
+            rows.append({"contender": name, "transport": label, "ms": v, "error": ""})
+    for row in rows:
+        row["vs_syncbn"] = row["ms"] / sbn if sbn and row["ms"] is not None else None
+    return rows
 
 
 # -- training steps -----------------------------------------------------------------------------------
@@ -628,9 +650,10 @@ def main() -> int:
                 result["two_ranks"],
                 [
                     ("contender", "contender"),
-                    ("transport", "transport"),
+                    ("transport", "statistics transport"),
                     ("ms", "ms"),
                     ("vs_syncbn", "x SyncBN"),
+                    ("error", "error"),
                 ],
             )
         )
