@@ -353,16 +353,12 @@ def _param_grads(
 
 
 def _compiled(layer: CrossGPUBatchNorm2d, x: torch.Tensor) -> bool:
-    """Whether this call takes the compiled kernels: those cover the common case (a non-empty shard,
-    one-pass statistics, a momentum or no running buffers); the rest stays eager.  Deterministic in
-    ``x``, so a recomputation under checkpointing takes the path its forward took."""
+    """Whether this call takes the compiled kernels: every call of a layer with ``kernels="compiled"``,
+    one-pass statistics and a momentum (or no running buffers); the rest stays eager.  Decided by the
+    layer alone, never by the data: every rank of a group (an empty one too) takes the same path, so
+    their running buffers stay bit-identical, and a recomputation takes the path its forward took."""
     tracking = layer.track_running_stats and layer.running_mean is not None
-    return (
-        layer.kernels == "compiled"
-        and not layer.two_pass
-        and x.numel() > 0
-        and (layer.momentum is not None or not tracking)
-    )
+    return layer.kernels == "compiled" and not layer.two_pass and (layer.momentum is not None or not tracking)
 
 
 def _compiled_forward(
@@ -389,7 +385,9 @@ def _compiled_forward(
         if recompute.current_mode() == recompute.RECORD:
             recompute.save(layer, frame)
     w, b = _param(weight), _param(bias)
-    if _fused(d, "fused"):
+    if d.numel() == 0:
+        out = torch.empty_like(x)
+    elif _fused(d, "fused"):
         out = torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, layer.eps)
     else:
         out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, layer.eps)[0]

@@ -19,8 +19,9 @@ and eager ranks can share a group.  Compiling costs ~30 s per process the first 
 it on disk; a warm start ~8 s) -- worth it for a long GPU job, not for a short test, so the default
 stays eager.  Each graph call also pays dynamo's wrapper (~50 us of host time on a slow CPU, against
 ~4 us for an eager op): the compiled layer launches fewer kernels but is not cheaper on the host
-unless the step is replayed as a CUDA graph.  Shapes are dynamic: one compilation serves every layer width.  Calls the compiled path
-does not cover (an empty shard, ``momentum=None``, the two-pass variant) take the eager path.
+unless the step is replayed as a CUDA graph.  Shapes are dynamic: one compilation serves every layer width.  Layers the compiled path
+does not cover (``momentum=None``, the two-pass variant) take the eager path; the choice depends on the
+layer alone, never on the data, so every rank of a group takes the same one (an empty shard included).
 """
 
 from __future__ import annotations
@@ -45,22 +46,34 @@ def shifts(x: torch.Tensor) -> bool:
 
 def shift(x: torch.Tensor) -> torch.Tensor:
     """``x - x[0, :, 0, 0]`` per channel (the shifted-data algorithm; see ``layers/cgbn.py``)."""
-    return x - x[:1, :, :1, :1] if shifts(x) else x
+    return x - x[:1, :, :1, :1] if shifts(x) and x.numel() else x
 
 
 def _shard_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d, payload, K)``: the shifted shard, ``[n m, n (v + m^2), n]`` (float64, 2C+1) with
-    ``m = K + mean(d)``, and the shift K (float64, C; zeros for half inputs)."""
+    ``m = K + mean(d)``, and the shift K (float64, C; zeros for half inputs and empty shards).  An empty
+    shard sends zeros but still joins (its size is known when the graph is traced)."""
     c = x.shape[1]
+    n = x.numel() // c if c else 0
+    if n == 0:
+        return x, x.new_zeros(2 * c + 1, dtype=torch.float64), x.new_zeros(c, dtype=torch.float64)
     k = x[:1, :, :1, :1]
     d = x - k if shifts(x) else x
     df = d.to(_sdtype(x))
     var_d, mean_d = torch.var_mean(df, dim=(0, 2, 3), correction=0)
-    n = df.numel() // c
     kf = k.reshape(c).double() if shifts(x) else torch.zeros_like(mean_d, dtype=torch.float64)
     m = mean_d.double() + kf
     payload = torch.cat([m * n, (var_d.double() + m * m) * n, m.new_full((1,), n)])
     return d, payload, kf
+
+
+def _lerp_(buffer: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> None:
+    """``buffer += weight (end - buffer)`` computed in float32 at least (half buffers as eager's lerp
+    does: the momentum is never rounded to half), ``end`` rounded to the buffer's dtype first."""
+    opmath = torch.float32 if buffer.dtype in _HALF else buffer.dtype
+    current = buffer.to(opmath)
+    target = end.to(buffer.dtype).to(opmath)
+    buffer.copy_((current + weight.to(opmath) * (target - current)).to(buffer.dtype))
 
 
 def _frame(
@@ -75,17 +88,21 @@ def _frame(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group statistics from the summed payload, in this shard's frame and the statistics dtype:
     ``(M - K, V, 1/sqrt(V + eps), count)``; the running buffers are updated in place (unbiased V).
-    ``constants`` is ``[momentum, eps]`` on the device (float64), made once per layer."""
+    ``constants`` is ``[momentum, eps]`` on the device (float64), made once per layer.  Every rank of a
+    group runs this same kernel on the same summed payload, so the buffers are bit-identical; a group
+    without any data (count 0, decided on the device) leaves them as they are."""
     c = k.shape[0]
     count = sums[2 * c :]
-    mean = sums[:c] / count
-    var = (sums[c : 2 * c] / count - mean * mean).clamp(min=0.0)
+    seen = count > 0
+    safe = count.clamp(min=1.0)
+    mean = sums[:c] / safe
+    var = (sums[c : 2 * c] / safe - mean * mean).clamp(min=0.0)
     if running_mean is not None and running_var is not None and tracked is not None:
         unbiased = var * count / (count - 1.0).clamp(min=1.0)
-        tracked.add_(1)
-        momentum = constants[0].to(running_mean.dtype)
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        tracked.add_(seen.to(tracked.dtype).reshape(tracked.shape))
+        weight = constants[0] * seen.to(constants.dtype)
+        _lerp_(running_mean, mean, weight)
+        _lerp_(running_var, unbiased, weight)
     var_s = var.to(sdtype)
     return (mean - k).to(sdtype), var_s, torch.rsqrt(var_s + constants[1].to(sdtype)), count.to(sdtype)
 

@@ -46,6 +46,8 @@ def test_cgbn_matches_full_batch_bn(results, launcher: str, nproc: int) -> None:
     expected_backend = {"hvd-gloo": "horovod", "hvd-mpi": "horovod", "mpirun": "mpi", "torchrun": "torch"}
     for rep in reports:
         assert rep["backend"] == expected_backend[launcher] and rep["world"] == nproc
+        compiled = KERNELS.get((launcher, nproc)) == "compiled"
+        assert (rep["compiled_graphs"] > 0) == compiled, rep["compiled_graphs"]
         for case in CASES:
             if case == "group2" and nproc != 4:
                 continue

@@ -100,6 +100,29 @@ def test_a_compiled_and_an_eager_rank_can_share_a_group() -> None:
     torch.testing.assert_close(var, both.var(1, unbiased=False), rtol=1e-5, atol=0)
 
 
+def test_half_model_keeps_its_momentum_and_an_empty_shard_joins() -> None:
+    """A .half() model's buffers move by momentum 0.1 computed in float32 (not 0.09998, its fp16
+    rounding); an empty shard sends zeros and, in a group without data, leaves the buffers alone."""
+    cg, ref = _pair()
+    cg.half()
+    x, g = _batch()
+    _run(cg, x.half(), g)
+    _run(ref, x.double(), g)
+    assert cg.running_mean.dtype == torch.float16
+    torch.testing.assert_close(cg.running_var.double(), ref.running_var, rtol=2e-3, atol=0)
+    ref_half = ref.running_mean.half().double()  # the reference's own buffer, rounded once
+    assert (cg.running_mean.double() - ref_half).abs().max() <= 2 * 2**-11 * ref_half.abs().max()
+    empty, _ = _pair()
+    before = {k: v.clone() for k, v in empty.state_dict().items()}
+    xe = torch.empty(0, C, 5, 7, requires_grad=True)
+    y = empty(xe)
+    y.sum().backward()
+    assert y.shape == xe.shape and xe.grad.shape == xe.shape and empty._ws is None
+    for k, v in empty.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(empty.weight.grad, torch.zeros(C))
+
+
 def test_one_compilation_serves_every_width_and_spatial_size() -> None:
     _run(_pair()[0], *_batch())  # compiled (or already compiled by the tests above)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
