@@ -293,12 +293,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
             if recompute.current_mode() == recompute.RECORD:
                 recompute.save(layer, frame)
         w, b = _param(weight), _param(bias)
-        if d.numel() == 0:
-            out = torch.empty_like(x)
-        elif _fused(d, layer.kernels):
-            out = torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, eps)
-        else:
-            out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, eps)[0]
+        out = _normalise(d, w, b, frame, eps, _fused(d, layer.kernels))
         ctx.save_for_backward(d, w, frame.mean, frame.var, frame.invstd, frame.total)
         return out
 
@@ -385,17 +380,29 @@ def _compiled_forward(
         if recompute.current_mode() == recompute.RECORD:
             recompute.save(layer, frame)
     w, b = _param(weight), _param(bias)
-    if d.numel() == 0:
-        out = torch.empty_like(x)
-    elif _fused(d, "fused"):
-        out = torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, layer.eps)
-    else:
-        out = torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, layer.eps)[0]
+    out = _normalise(d, w, b, frame, layer.eps, _fused(d, "fused"))
     # Detached: the backward kernel must see a plain tensor (see ``cgbn_compiled.kernel``).
     ctx.save_for_backward(
         d, w.detach() if w is not None else None, frame.mean, frame.var, frame.invstd, frame.total
     )
     return out
+
+
+def _normalise(
+    d: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    frame: _Frame,
+    eps: float,
+    fused: bool,
+) -> torch.Tensor:
+    """``(d - mean) invstd w + b`` with the frame's statistics: one native kernel (torch's CUDA SyncBN
+    elementwise kernel if ``fused``, else eval-mode batch norm); an empty shard gives an empty output."""
+    if d.numel() == 0:
+        return torch.empty_like(d)
+    if fused:
+        return torch.batch_norm_elemt(d, w, b, frame.mean, frame.invstd, eps)
+    return torch.native_batch_norm(d, w, b, frame.mean, frame.var, False, 0.0, eps)[0]
 
 
 def _frame(ws: _Workspace, eps: float) -> tuple[_Frame, torch.Tensor, torch.Tensor]:
