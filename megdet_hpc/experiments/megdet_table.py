@@ -356,7 +356,7 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     series = (  # (which runs, label, colour, marker)
         (lambda r: r.total_batch == 16 and r.warmup, "batch 16 (8 x 2), warmup", "C0", "o"),
         (
@@ -392,15 +392,16 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     measured = [o.AP for o in outcomes if o.AP is not None]
     bottom = min(measured) - 0.05 if measured else 0.0
     marked = set()
-    for o in outcomes:  # diverged runs at the bottom edge, marked
+    for o in outcomes:  # diverged runs at the bottom edge, marked in their series' colour
         r = Run(**o.run)
         if o.AP is None and o.status == "diverged":
-            label = f"batch {r.total_batch}{'' if r.warmup else ', no warmup'}: diverged"
+            label = f"batch {r.total_batch}, {'warmup' if r.warmup else 'no warmup'}: diverged"
+            color = next((c for select, _, c, _ in series if r.warmup and select(r)), "C3")
             ax.scatter(
                 [r.bn_size],
                 [bottom + 0.01],
                 marker="x",
-                color="C3",
+                color=color,
                 s=60,
                 label=None if label in marked else label,
                 zorder=3,
@@ -413,11 +414,11 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     ax.set_ylabel("COCO AP (val)")
     ax.set_title("AP vs BN size at equal images seen")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: inside, it hid the markers at the bottom
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(folder / "megdet_table_ap_vs_bn_size.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     for key, title, log in (("loss", "training loss", True), ("lr", "learning rate", False)):
         fig, ax = plt.subplots(figsize=(7, 4))
