@@ -18,9 +18,10 @@ trained by two systems on the same schedule and evaluated by the same pycocotool
   trains the same batch of 4 in **one process with plain BN** (BN statistics over the same 4 images a
   megdet_hpc step normalises over with CGBN).
 
-Both see the same number of images (``--epochs`` x the 400 training images) at the same LR for every
-step: base LR 0.02 at batch 4, warmup 99 iterations (torchvision's rule, applied to megdet_hpc through
-``solver.warmup_iters``), one step x0.1 at ``--step-epoch``.  Every run is resumable (megdet_hpc from
+Both see the same number of images (``--epochs`` x the training images with boxes: 200 of the default
+``--train-images 202``) at the same LR for every step: base LR 0.02 at batch 4, warmup over one epoch
+less one iteration (torchvision's rule, ``min(1000, len(loader) - 1)``: 49 by default; applied to
+megdet_hpc through ``solver.warmup_iters``), one step x0.1 at ``--step-epoch``.  Every run is resumable (megdet_hpc from
 its time-based checkpoints, the reference from its per-epoch ``checkpoint.pth``, as the reference's
 ``--resume``); a finished run is skipped.  Results go to ``--results``: ``parity.md`` (mean +- seed
 standard deviation of AP, AP50, AP75, time per image, and the verdict), ``parity.json`` (every run,
