@@ -77,10 +77,21 @@ class GradientSync:
     def accumulate(self, last: bool) -> Iterator[None]:
         yield
 
+    # Set by the paths whose gradient reduction starts inside backward (hooks): the name ``reducing``
+    # gives the backward pass.
+    reduced_during_backward: str | None = None
+
     def reducing(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context of a backward pass: marks it as a gradient collective (``Comm.inside``) on paths
-        whose allreduce runs inside backward (DDP), so a stall there is named; a no-op elsewhere."""
-        return contextlib.nullcontext()
+        whose allreduce runs inside backward, so a stall there is named; a no-op elsewhere.
+
+        Why Horovod too: its hooks enqueue each gradient during backward, and an enqueue waits for
+        the lock Horovod's background thread holds through a negotiation -- with a peer frozen, that
+        negotiation never ends and the rank blocks in the middle of backward, not in ``synchronize``.
+        """
+        if not last or self.reduced_during_backward is None:
+            return contextlib.nullcontext()
+        return self.comm.inside("allreduce", self.reduced_during_backward)
 
     def synchronize(self) -> None:
         if self._synced or self.comm.size == 1:
@@ -121,6 +132,8 @@ class GradientSync:
 
 
 class HorovodGradientSync(GradientSync):
+    reduced_during_backward = "megdet.gradients (hvd.DistributedOptimizer hooks, during backward)"
+
     def __init__(
         self,
         comm: Comm,
@@ -169,6 +182,8 @@ class HorovodGradientSync(GradientSync):
 
 
 class DDPGradientSync(GradientSync):
+    reduced_during_backward = "megdet.gradients (DDP buckets, during backward)"
+
     def __init__(self, comm: Comm, model: nn.Module, optimizer: torch.optim.Optimizer, **_: Any) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -191,11 +206,6 @@ class DDPGradientSync(GradientSync):
     def accumulate(self, last: bool) -> Iterator[None]:
         with contextlib.nullcontext() if last else self.ddp.no_sync():
             yield
-
-    def reducing(self, last: bool) -> contextlib.AbstractContextManager[None]:
-        if not last:
-            return contextlib.nullcontext()
-        return self.comm.inside("allreduce", "megdet.gradients (DDP buckets, during backward)")
 
     def synchronize(self) -> None:  # DDP averaged during backward
         self._synced = True

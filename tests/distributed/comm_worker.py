@@ -5,7 +5,29 @@ from __future__ import annotations
 import torch
 
 from megdet_hpc import distributed
+from megdet_hpc.distributed.comm import Comm
+from megdet_hpc.distributed.grad_sync import make_gradient_sync
 from megdet_hpc.launch.local import write_report
+
+
+def waiting_during_backward(comm: Comm) -> list[str | None]:
+    """What ``comm.waiting`` reads in the middle of a backward pass of the backend's gradient path
+    (an accumulating micro-step, then the last one): the collective the stall watchdog would name if a
+    peer froze there."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    sync = make_gradient_sync(comm, model, torch.optim.SGD(model.parameters(), lr=0.1), accum=2)
+    seen: list[str | None] = []
+    # Read from a hook on the first layer's output: it runs in the middle of backward.
+
+    def mark_on_backward(_module: torch.nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda _grad: seen.append(comm.waiting))
+
+    model[0].register_forward_hook(mark_on_backward)
+    for last in (False, True):
+        with sync.accumulate(last), sync.reducing(last):
+            sync.forward_model(torch.ones(2, 3)).sum().backward()
+    sync.discard()
+    return seen
 
 
 def main() -> None:
@@ -38,6 +60,8 @@ def main() -> None:
     objs = comm.allgather_object({"rank": r})
     bobj = comm.broadcast_object({"from": r} if r == 0 else None, root=0)
     comm.barrier()
+    calls = dict(comm.counters.calls)
+    backward_marks = waiting_during_backward(comm)
     stats = distributed.stats_comm()
     report = {
         "backend": comm.name,
@@ -52,7 +76,8 @@ def main() -> None:
         "objs": objs,
         "bobj": bobj,
         "stats_comm": stats.name,
-        "calls": dict(comm.counters.calls),
+        "calls": calls,
+        "backward_marks": backward_marks,
     }
     write_report(r, report)
     distributed.shutdown()

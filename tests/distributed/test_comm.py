@@ -33,6 +33,14 @@ def test_primitives(launcher: str) -> None:
         assert rep["coalesced_ok"], rep
         assert rep["pair_coalesced"] == [float(2 * first + 3)] * 4
         assert rep["calls"]["allreduce"] == 4  # a coalesced list counts as one collective
+        # A peer frozen while this rank's backward enqueues gradients (Horovod's hooks, DDP's buckets)
+        # is named by the stall watchdog; the mpi path reduces after backward, outside it.
+        during = {
+            "horovod": "allreduce megdet.gradients (hvd.DistributedOptimizer hooks, during backward)",
+            "torch": "allreduce megdet.gradients (DDP buckets, during backward)",
+            "mpi": None,
+        }[rep["backend"]]
+        assert rep["backward_marks"] == [None, during], rep["backward_marks"]
     # CGBN statistics ride the training comm by default (bench/cgbn.py measured it fastest).
     assert reps[0]["stats_comm"] == rep["backend"]
 
