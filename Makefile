@@ -8,7 +8,7 @@ RUFF := $(VENV)/bin/ruff
 # processes importing torch, tiny trainings), so two workers gain little there; more cores, more gain.
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-gpu lint demo bench experiment parity parity-long slurm-scripts
+.PHONY: setup test test-gpu lint demo bench experiment parity parity-long parity-ablation slurm-scripts
 
 setup:
 	bash scripts/setup.sh
@@ -46,6 +46,13 @@ parity-long: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m megdet_hpc.experiments.parity --train-images 404 --epochs 6 \
 		--step-epoch 5 --data datasets/synthetic_404 --out output/experiments/parity_long \
 		--results experiments/results/parity_long
+
+# parity-long's megdet_hpc again with torchvision's RPN/RoI samplers, beside the committed curves:
+# does the sampler explain megdet_hpc's lead mid-schedule?  3 runs, ~40 min on 2 cores.
+parity-ablation: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m megdet_hpc.experiments.parity_ablation --swap samplers \
+		--train-images 404 --epochs 6 --step-epoch 5 --data datasets/synthetic_404 \
+		--out output/experiments/parity_ablation --parity-results experiments/results/parity_long
 
 slurm-scripts: setup
 	$(PY) -m megdet_hpc.launch sbatch --regenerate-committed

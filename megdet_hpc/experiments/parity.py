@@ -596,31 +596,18 @@ def run_experiment(
 ) -> int:
     """Train (or resume, or skip) every (seed, system) run, then write the table, JSON and plot
     (``report_only``: only write them, from the run folders as they are)."""
-    from megdet_hpc.experiments.megdet_table import BASE_BATCH, Run, execute, slug
+    from megdet_hpc.experiments.megdet_table import BASE_BATCH, slug
     from megdet_hpc.utils.provenance import environment
 
     if plan.batch != BASE_BATCH:  # megdet_table.train_command writes the schedule at its base batch
         raise UserError(f"solver.total_batch={plan.batch}: the parity experiment trains batch {BASE_BATCH}")
 
-    opts = [  # the data first (megdet_table.train_command sets its own), then the user's overrides
-        f"data.train_images={data}/train",
-        f"data.train_annotations={data}/annotations/instances_train.json",
-        f"data.val_images={data}/val",
-        f"data.val_annotations={data}/annotations/instances_val.json",
-        *user_opts,
-    ]
-    megdet_extra = [
-        f"solver.warmup_iters={plan.warmup_iters}",
-        f"solver.steps=[{plan.step_epoch * plan.iters_per_epoch}]",
-        f"train.eval_period={plan.iters_per_epoch}",
-        "eval.vis_images=0",
-    ]
+    opts = data_opts(data, user_opts)
 
     def one(job: tuple[int, str]) -> None:
         seed, system = job
         if system == "megdet_hpc":
-            run = Run(run_name(system, seed), 2, plan.batch // 2, "cgbn", 0, True, seed=seed)
-            execute(run, plan.images, out, data, config, plan.lr, [*megdet_extra, *user_opts], tag="parity")
+            execute_megdet(seed, plan, out, data, config, opts)
         else:
             execute_reference(out / slug(run_name(system, seed)), config, opts, seed, plan, threads)
 
@@ -654,6 +641,71 @@ def run_experiment(
     print(table)
     print("wrote", results / "parity.md", results / "parity.json", figure, flush=True)
     return 0 if report_only or all(o.status in ("done", "diverged") for o in outcomes) else 1
+
+
+def data_opts(data: Path, user_opts: tuple[str, ...] = ()) -> list[str]:
+    """Config overrides of both systems: the generated data first, then the user's overrides."""
+    return [
+        f"data.train_images={data}/train",
+        f"data.train_annotations={data}/annotations/instances_train.json",
+        f"data.val_images={data}/val",
+        f"data.val_annotations={data}/annotations/instances_val.json",
+        *user_opts,
+    ]
+
+
+def execute_megdet(
+    seed: int, plan: Plan, out: Path, data: Path, config: Path, opts: list[str], system: str = "megdet_hpc"
+) -> dict[str, Any]:
+    """One megdet_hpc run on ``plan`` (2 ranks x half the batch, CGBN over all of it, the reference's
+    warmup and LR step, an evaluation per epoch), resumable; its folder is ``slug(run_name(system, seed))``."""
+    from megdet_hpc.experiments.megdet_table import Run, execute
+
+    run = Run(run_name(system, seed), 2, plan.batch // 2, "cgbn", 0, True, seed=seed)
+    schedule = [
+        f"solver.warmup_iters={plan.warmup_iters}",
+        f"solver.steps=[{plan.step_epoch * plan.iters_per_epoch}]",
+        f"train.eval_period={plan.iters_per_epoch}",
+        "eval.vis_images=0",
+    ]
+    return execute(run, plan.images, out, data, config, plan.lr, [*schedule, *opts], tag="parity")
+
+
+def resolve_config(config: Path | None) -> Path:
+    from megdet_hpc.config import bundled_configs
+
+    return (config or bundled_configs() / "demo_cpu.yaml").resolve()
+
+
+def schedule(config: Path, opts: list[str], train_images: int, epochs: int, step_epoch: int) -> Plan:
+    """The shared schedule from the config (LR by the linear scaling rule at its total batch)."""
+    from megdet_hpc.config import load_config
+
+    if not 0 < step_epoch < epochs:
+        raise UserError(f"--step-epoch must be in 1..{epochs - 1}")
+    s = load_config(config, opts).solver
+    return Plan(train_images, s.total_batch, s.base_lr * s.total_batch / s.base_batch, epochs, step_epoch)
+
+
+def prepare(
+    config: Path,
+    opts: list[str],
+    epochs: int,
+    step_epoch: int,
+    data: Path,
+    train_images: int,
+    val_images: int,
+    size: int,
+) -> tuple[Plan, Path]:
+    """The plan and the generated data set (made once; the same for the same sizes)."""
+    from megdet_hpc.data.coco import CocoDetection
+    from megdet_hpc.data.synthetic import generate
+
+    plan = schedule(config, opts, train_images, epochs, step_epoch)
+    folder = generate(data.resolve(), train_images, val_images, size, 0)
+    train_set = CocoDetection(folder / "train", folder / "annotations" / "instances_train.json", train=True)
+    # images without boxes are skipped for training
+    return replace(plan, train_images=len(train_set), val_images=val_images, size=size), folder
 
 
 def run_name(system: str, seed: int) -> str:
@@ -691,23 +743,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse(argv)
 
     def _run() -> int:
-        from megdet_hpc.config import bundled_configs, load_config
-        from megdet_hpc.data.coco import CocoDetection
-        from megdet_hpc.data.synthetic import generate
-
-        config = (a.config or bundled_configs() / "demo_cpu.yaml").resolve()
-        if not 0 < a.step_epoch < a.epochs:
-            raise UserError(f"--step-epoch must be in 1..{a.epochs - 1}")
-        cfg = load_config(config, a.opts)
-        s = cfg.solver
-        batch = s.total_batch
-        plan = Plan(a.train_images, batch, s.base_lr * batch / s.base_batch, a.epochs, a.step_epoch)
+        config = resolve_config(a.config)
         if a.reference_folder is not None:
+            plan = schedule(config, a.opts, a.train_images, a.epochs, a.step_epoch)
             return reference_train(a.reference_folder, config, a.opts, a.seed, plan, a.threads)
-        data = generate(a.data.resolve(), a.train_images, a.val_images, a.size, 0)
-        train_set = CocoDetection(data / "train", data / "annotations" / "instances_train.json", train=True)
-        # images without boxes are skipped for training
-        plan = replace(plan, train_images=len(train_set), val_images=a.val_images, size=a.size)
+        plan, data = prepare(
+            config, a.opts, a.epochs, a.step_epoch, a.data, a.train_images, a.val_images, a.size
+        )
         return run_experiment(
             plan,
             tuple(a.seeds),

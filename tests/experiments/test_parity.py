@@ -58,6 +58,37 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
     assert "resumed from" in (reference / "stdout.log").read_text()
     assert json.loads((results / "parity.json").read_text())["runs"][1]["AP"] == runs["torchvision"]["AP"]
 
+    # The ablation: megdet_hpc again with torchvision's samplers, set beside the committed curves.
+    from megdet_hpc.experiments import parity_ablation
+
+    plan_args = [  # the parity run's plan and data, as it was given
+        "--config", str(config), "--epochs", "2", "--step-epoch", "1", "--seeds", "0",
+        "--train-images", "12", "--val-images", "4", "--size", "64", "--data", str(tmp_path / "data"),
+    ]  # fmt: skip
+    ablation = [*plan_args, "--parity-results", str(results), "--out", str(tmp_path / "ablation")]
+    assert parity_ablation.main(ablation) == 0
+    assert "megdet_hpc, samplers swapped, seed 0: 2 x 2" in capsys.readouterr().out
+    from megdet_hpc.checkpoint.io import safe_load
+
+    swapped = tmp_path / "ablation" / "megdet_hpc_samplers_swapped_seed_0"
+    assert safe_load(swapped / "model_0000006.pth")["config"]["model"]["deterministic_sampling"] is False
+    doc = json.loads((results / "ablation_samplers.json").read_text())
+    assert [r["images_seen"] for r in doc["rows"]] == seen and doc["runs"][0]["status"] == "done"
+    row = doc["rows"][-1]
+    assert row["megdet_hpc"]["mean"] == runs["megdet_hpc"]["evals"][-1]["AP"]
+    assert row["torchvision"]["mean"] == runs["torchvision"]["evals"][-1]["AP"]
+    assert row["within"] == "-"  # one seed: no spread
+    assert (
+        "| megdet_hpc | megdet_hpc with torchvision's samplers | torchvision |"
+        in (results / "ablation_samplers.md").read_text()
+    )
+    assert (results / "ablation_samplers.png").read_bytes()[:4] == b"\x89PNG"
+    # Another plan than the committed results': one line naming what differs, nothing written.
+    (results / "ablation_samplers.md").unlink()
+    assert parity_ablation.main([*ablation, "--epochs", "3"]) != 0
+    assert "epochs 2 there, 3 here" in capsys.readouterr().err
+    assert not (results / "ablation_samplers.md").exists()
+
 
 def test_reference_model_is_the_megdet_architecture_with_stock_samplers() -> None:
     """The two systems differ in the training machinery, not the network: same parameters and buffers
