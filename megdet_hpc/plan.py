@@ -166,10 +166,9 @@ def plan(a) -> int:  # type: ignore[no-untyped-def]
 
 
 def _plot(a, preds, machine: Machine) -> None:  # type: ignore[no-untyped-def]
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(a.gpus, [r.time_to_train_h for r in preds], "o-")
@@ -183,9 +182,7 @@ def _plot(a, preds, machine: Machine) -> None:  # type: ignore[no-untyped-def]
     ax2.set_xlabel("GPUs")
     ax2.set_ylabel("scaling efficiency")
     fig.suptitle(f"{Path(a.config).name} on {machine.name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(a.out / "plan.png", dpi=110)
-    plt.close(fig)
+    save(fig, a.out / "plan.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,10 +67,9 @@ class MetricsWriter:
         rows = [r for r in self.records if "loss" in r]
         if not self.enabled or not rows:
             return None
-        import matplotlib
+        from megdet_hpc.utils.plotting import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         its = [r["iteration"] for r in rows]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -88,7 +87,4 @@ class MetricsWriter:
             ax3 = ax2.twinx()
             ax3.plot([r["iteration"] for r in evals], [r["AP50"] for r in evals], "o-", color="C3")
             ax3.set_ylabel("val AP50", color="C3")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save(fig, path)

@@ -143,10 +143,9 @@ def coco_bbox_metrics(
 
 def plot_pr_curves(dataset: CocoDetection, precision: np.ndarray, path: Path) -> Path:
     """Precision-recall per class at IoU 0.5 (all areas, 100 detections), one panel per class."""
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [dataset.category_names[k] for k in sorted(dataset.category_names)]
     cols = min(4, len(names))
@@ -167,10 +166,7 @@ def plot_pr_curves(dataset: CocoDetection, precision: np.ndarray, path: Path) ->
         ax.grid(alpha=0.3)
     for k in range(len(names), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def evaluate(

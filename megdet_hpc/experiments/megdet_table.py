@@ -350,10 +350,9 @@ def markdown(outcomes: list[Outcome], images: int, base_lr: float) -> str:
 
 
 def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -416,10 +415,7 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # beside the axes: inside, it hid the markers at the bottom
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    paths.append(folder / "megdet_table_ap_vs_bn_size.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(save(fig, folder / "megdet_table_ap_vs_bn_size.png", bbox_inches="tight"))
     for key, title, log in (("loss", "training loss", True), ("lr", "learning rate", False)):
         fig, ax = plt.subplots(figsize=(7, 4))
         for o in outcomes:
@@ -431,10 +427,7 @@ def plots(outcomes: list[Outcome], folder: Path) -> list[Path]:
         ax.set_title(f"{title} per run")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(folder / f"megdet_table_{key}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, folder / f"megdet_table_{key}.png"))
     return paths
 
 

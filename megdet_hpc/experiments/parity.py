@@ -523,10 +523,9 @@ def markdown(outcomes: list[Outcome], plan: Plan) -> str:
 
 
 def plot(outcomes: list[Outcome], path: Path) -> Path:
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for color, system in zip(("C0", "C1"), SYSTEMS):
@@ -544,41 +543,53 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
         for o in runs:
             xs = [e["images_seen"] for e in o.evals]
             ax.plot(xs, [e["AP"] for e in o.evals], color=color, lw=0.7, alpha=0.35)
-        points = sorted({e["images_seen"] for o in runs for e in o.evals})
-        means, stds = [], []
-        for n in points:
-            mean, std = spread([e["AP"] for o in runs for e in o.evals if e["images_seen"] == n])
-            means.append(mean)
-            stds.append(std or 0.0)
-        if points:
-            ax.errorbar(
-                points,
-                means,
-                yerr=stds,
-                color=color,
-                marker="o",
-                capsize=3,
-                label=f"{LABELS[system]}, {len(runs)} seeds",
-            )
-    ax.set_xlabel("images seen")
-    ax.set_ylabel("COCO AP (val)")
-    ax.set_title("AP vs images seen (mean +- std over seeds; thin: each seed)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left")
+        if runs:
+            draw_ap(ax, ap_by_point([o.evals for o in runs]), color, f"{LABELS[system]}, {len(runs)} seeds")
+    label_ap_axes(ax, "AP vs images seen (mean +- std over seeds; thin: each seed)")
     loss_ax.set_xlabel("images seen")
-    loss_ax.set_ylabel(
-        f"training loss (megdet_hpc: every {WINDOW}th iteration; torchvision: mean of {WINDOW})", fontsize=8
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_title(
+        f"training loss, mean over seeds (band: min-max)\nmegdet_hpc: every {WINDOW}th iteration; "
+        f"torchvision: mean of each {WINDOW}",
+        fontsize=9,
     )
-    loss_ax.set_title("training loss (mean over seeds; band: min-max)", fontsize=9)
     loss_ax.grid(alpha=0.3)
     if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
+
+
+def ap_by_point(evals: list[list[dict[str, float]]]) -> dict[int, list[float]]:
+    """AP per evaluation point (images seen), over runs (each a list of evaluations)."""
+    points: dict[int, list[float]] = {}
+    for run in evals:
+        for e in run:
+            points.setdefault(int(e["images_seen"]), []).append(e["AP"])
+    return points
+
+
+def draw_ap(ax: Any, points: dict[int, list[float]], color: str, label: str) -> None:
+    """Mean AP with the seed standard deviation as error bars."""
+    xs = sorted(points)
+    stats = [spread(points[n]) for n in xs]
+    ax.errorbar(
+        xs,
+        [m for m, _ in stats],
+        yerr=[s or 0.0 for _, s in stats],
+        color=color,
+        marker="o",
+        capsize=3,
+        label=label,
+    )
+
+
+def label_ap_axes(ax: Any, title: str) -> None:
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("COCO AP (val)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
 
 
 def run_experiment(

@@ -51,15 +51,6 @@ def committed(results: Path, plan: parity.Plan) -> dict[str, Any]:
     return doc
 
 
-def curve(runs: list[dict[str, Any]]) -> dict[int, list[float]]:
-    """AP per evaluation point (images seen) over the runs' seeds."""
-    points: dict[int, list[float]] = {}
-    for run in runs:
-        for e in run["evals"]:
-            points.setdefault(e["images_seen"], []).append(e["AP"])
-    return points
-
-
 def within(stats: dict[str, tuple[float | None, float | None]], name: str) -> str:
     """The other curves ``name``'s mean lies within the seed spread of (parity.compare: the larger of
     the two standard deviations), or "neither"."""
@@ -85,9 +76,9 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
 
     label = LABEL[swap]
     curves = {
-        "megdet_hpc": curve([r for r in doc["runs"] if r["system"] == "megdet_hpc"]),
-        label: curve([asdict(o) for o in ablated]),
-        "torchvision": curve([r for r in doc["runs"] if r["system"] == "torchvision"]),
+        "megdet_hpc": parity.ap_by_point([r["evals"] for r in doc["runs"] if r["system"] == "megdet_hpc"]),
+        label: parity.ap_by_point([o.evals for o in ablated]),
+        "torchvision": parity.ap_by_point([r["evals"] for r in doc["runs"] if r["system"] == "torchvision"]),
     }
     header = " | ".join(curves)
     lines = [
@@ -133,34 +124,16 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
 
 
 def plot(curves: dict[str, dict[int, list[float]]], path: Path) -> Path:
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for color, (name, points) in zip(("C0", "C2", "C1"), curves.items()):
-        xs = sorted(points)
-        stats = [parity.spread(points[n]) for n in xs]
-        ax.errorbar(
-            xs,
-            [m for m, _ in stats],
-            yerr=[s or 0.0 for _, s in stats],
-            color=color,
-            marker="o",
-            capsize=3,
-            label=f"{name} ({max((len(v) for v in points.values()), default=0)} seeds)",
-        )
-    ax.set_xlabel("images seen")
-    ax.set_ylabel("COCO AP (val)")
-    ax.set_title("AP vs images seen (mean +- std over seeds)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        seeds = max((len(v) for v in points.values()), default=0)
+        parity.draw_ap(ax, points, color, f"{name} ({seeds} seeds)")
+    parity.label_ap_axes(ax, "AP vs images seen (mean +- std over seeds)")
+    return save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,10 +56,9 @@ class LRSchedule:
 
 
 def plot_schedule(schedule: LRSchedule, path: Path, points: int = 400) -> Path:
-    import matplotlib
+    from megdet_hpc.utils.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xs = [int(schedule.max_images * i / points) for i in range(points + 1)]
     ys = [schedule.lr(x) for x in xs]
@@ -69,11 +68,7 @@ def plot_schedule(schedule: LRSchedule, path: Path, points: int = 400) -> Path:
     ax.set_ylabel("learning rate")
     ax.set_title("MegDet LR policy: linear scaling + warmup + steps")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
