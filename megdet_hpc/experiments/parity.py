@@ -666,13 +666,20 @@ def data_opts(data: Path, user_opts: tuple[str, ...] = ()) -> list[str]:
 
 
 def execute_megdet(
-    seed: int, plan: Plan, out: Path, data: Path, config: Path, opts: list[str], system: str = "megdet_hpc"
+    seed: int,
+    plan: Plan,
+    out: Path,
+    data: Path,
+    config: Path,
+    opts: list[str],
+    system: str = "megdet_hpc",
+    ranks: int = 2,
 ) -> dict[str, Any]:
-    """One megdet_hpc run on ``plan`` (2 ranks x half the batch, CGBN over all of it, the reference's
+    """One megdet_hpc run on ``plan`` (``ranks`` x the batch's share, CGBN over all of it, the reference's
     warmup and LR step, an evaluation per epoch), resumable; its folder is ``slug(run_name(system, seed))``."""
     from megdet_hpc.experiments.megdet_table import Run, execute
 
-    run = Run(run_name(system, seed), 2, plan.batch // 2, "cgbn", 0, True, seed=seed)
+    run = Run(run_name(system, seed), ranks, plan.batch // ranks, "cgbn", 0, True, seed=seed)
     schedule = [
         f"solver.warmup_iters={plan.warmup_iters}",
         f"solver.steps=[{plan.step_epoch * plan.iters_per_epoch}]",

@@ -9,7 +9,10 @@ resulting curve between the two committed ones, read from the parity results' ``
 retrained: both systems are deterministic on the CPU, so their curves stand):
 
 * ``samplers`` -- ``model.deterministic_sampling=false``: torchvision's ``BalancedPositiveNegativeSampler``
-  drawing from each rank's global RNG, instead of megdet_hpc's keyed per-(seed, step, image) draw.
+  drawing from each rank's global RNG, instead of megdet_hpc's keyed per-(seed, step, image) draw;
+* ``one-process`` -- the whole batch in one process, as the reference trains on a CPU: BN statistics
+  in one process instead of CGBN across 2 ranks, no gradient averaging (megdet_hpc's samplers, data
+  order and loader stay).
 
 If the swapped run falls to the reference's curve, the part explains the gap; if it stays on
 megdet_hpc's, it does not.  Results: ``ablation_<swap>.md`` (AP per evaluation point, mean +- seed
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +33,26 @@ from megdet_hpc.experiments import parity
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
 from megdet_hpc.utils.errors import UserError
 
-# The part swapped for torchvision's, as megdet_hpc config overrides.
-SWAPS: dict[str, tuple[str, ...]] = {"samplers": ("model.deterministic_sampling=false",)}
-LABEL = {"samplers": "megdet_hpc with torchvision's samplers"}
+
+@dataclass(frozen=True)
+class Swap:
+    """A part of megdet_hpc replaced by torchvision's way: config overrides and the process layout."""
+
+    label: str
+    overrides: tuple[str, ...] = ()
+    ranks: int = 2
+
+    def describe(self) -> str:
+        layout = {1: "one process with the whole batch", 2: ""}.get(self.ranks, f"{self.ranks} processes")
+        return "; ".join(part for part in (" ".join(f"`{o}`" for o in self.overrides), layout) if part)
+
+
+SWAPS = {
+    "samplers": Swap("megdet_hpc with torchvision's samplers", ("model.deterministic_sampling=false",)),
+    # One process with the whole batch, as the reference trains on a CPU: BN statistics in one process
+    # instead of CGBN across 2 ranks, and no gradient averaging.  Its 2 threads stand for the 2 ranks.
+    "one-process": Swap("megdet_hpc in one process x 4 images", ("train.threads=2",), ranks=1),
+}
 
 
 def committed(results: Path, plan: parity.Plan) -> dict[str, Any]:
@@ -74,7 +95,7 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
 
     from megdet_hpc.utils.provenance import environment
 
-    label = LABEL[swap]
+    label = SWAPS[swap].label
     curves = {
         "megdet_hpc": parity.ap_by_point([r["evals"] for r in doc["runs"] if r["system"] == "megdet_hpc"]),
         label: parity.ap_by_point([o.evals for o in ablated]),
@@ -82,7 +103,7 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
     }
     header = " | ".join(curves)
     lines = [
-        f"megdet_hpc with one part swapped for torchvision's ({swap}: `{' '.join(SWAPS[swap])}`), on the plan "
+        f"megdet_hpc with one part swapped for torchvision's ({swap}: {SWAPS[swap].describe()}), on the plan "
         f"and seeds of `parity.json` beside this file; the other two columns are read from there. COCO AP, "
         "mean +- sample standard deviation over seeds (n = seeds evaluated there).",
         "",
@@ -110,7 +131,8 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
         json.dumps(
             {
                 "swap": swap,
-                "overrides": list(SWAPS[swap]),
+                "overrides": list(SWAPS[swap].overrides),
+                "ranks": SWAPS[swap].ranks,
                 "plan": doc["plan"],
                 "rows": rows,
                 "env": environment(),
@@ -161,10 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         doc = committed(a.parity_results, plan)
         system = f"megdet_hpc, {a.swap} swapped"
-        opts = [*parity.data_opts(data, tuple(a.opts)), *SWAPS[a.swap]]
+        swap = SWAPS[a.swap]
+        opts = [*parity.data_opts(data, tuple(a.opts)), *swap.overrides]
         ablated = []
         for seed in a.seeds:
-            state = parity.execute_megdet(seed, plan, a.out.resolve(), data, config, opts, system=system)
+            state = parity.execute_megdet(
+                seed, plan, a.out.resolve(), data, config, opts, system=system, ranks=swap.ranks
+            )
             folder = a.out.resolve() / slug(parity.run_name(system, seed))
             outcome = parity.read_outcome("megdet_hpc", seed, folder, plan)
             outcome.system = system

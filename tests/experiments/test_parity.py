@@ -88,6 +88,12 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
     assert parity_ablation.main([*ablation, "--epochs", "3"]) != 0
     assert "epochs 2 there, 3 here" in capsys.readouterr().err
     assert not (results / "ablation_samplers.md").exists()
+    # The whole batch in one process (the reference's layout), megdet_hpc's samplers kept.
+    assert parity_ablation.main([*ablation, "--swap", "one-process"]) == 0
+    one = safe_load(tmp_path / "ablation" / "megdet_hpc_one_process_swapped_seed_0" / "model_0000006.pth")
+    assert (one["world_size"], one["images_per_gpu"]) == (1, 4)
+    assert one["config"]["model"]["deterministic_sampling"] is True
+    assert "one process with the whole batch" in (results / "ablation_one-process.md").read_text()
 
 
 def test_reference_model_is_the_megdet_architecture_with_stock_samplers() -> None:
