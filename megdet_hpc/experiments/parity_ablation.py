@@ -89,6 +89,37 @@ def within(stats: dict[str, tuple[float | None, float | None]], name: str) -> st
     return ", ".join(near) or "neither"
 
 
+def paired(label: str, doc: dict[str, Any], ablated: list[parity.Outcome]) -> list[str]:
+    """Markdown: the swapped run minus each committed system, seed by seed (a seed fixes the initial
+    weights: a paired difference cancels them), as mean difference and the count of seeds above."""
+    by_seed: dict[str, dict[int, dict[int, float]]] = {"megdet_hpc": {}, "torchvision": {}, label: {}}
+    for r in doc["runs"]:
+        if r["system"] in by_seed:
+            by_seed[r["system"]][r["seed"]] = {e["images_seen"]: e["AP"] for e in r["evals"]}
+    for o in ablated:
+        by_seed[label][o.seed] = {e["images_seen"]: e["AP"] for e in o.evals}
+    lines = [
+        "Seed by seed (same seed: same initial weights): the swapped run's AP minus each system's, mean over "
+        "the seeds both reached, and in how many seeds the swapped run is ahead.",
+        "",
+        "| images seen | minus megdet_hpc | minus torchvision |",
+        "|---|---|---|",
+    ]
+    points = sorted({n for evals in by_seed[label].values() for n in evals})
+    for n in points:
+        cells = []
+        for other in ("megdet_hpc", "torchvision"):
+            diffs = [
+                evals[n] - by_seed[other][seed][n]
+                for seed, evals in by_seed[label].items()
+                if n in evals and n in by_seed[other].get(seed, {})
+            ]
+            ahead = sum(d > 0 for d in diffs)
+            cells.append(f"{sum(diffs) / len(diffs):+.3f} ({ahead} of {len(diffs)} ahead)" if diffs else "-")
+        lines.append(f"| {n} | {' | '.join(cells)} |")
+    return lines
+
+
 def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], results: Path) -> str:
     """Write ``ablation_<swap>.{md,json,png}``; returns the markdown."""
     from dataclasses import asdict
@@ -124,6 +155,7 @@ def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], result
         rows.append(
             {"images_seen": n, **{k: {"mean": m, "std": s} for k, (m, s) in stats.items()}, "within": near}
         )
+    lines += ["", *paired(label, doc, ablated)]
     text = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"ablation_{swap}.md").write_text(text)

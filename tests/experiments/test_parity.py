@@ -83,6 +83,9 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
         in (results / "ablation_samplers.md").read_text()
     )
     assert (results / "ablation_samplers.png").read_bytes()[:4] == b"\x89PNG"
+    swapped_ap = row["megdet_hpc with torchvision's samplers"]["mean"]  # seed by seed: one seed here
+    paired = f"| {seen[-1]} | {swapped_ap - row['megdet_hpc']['mean']:+.3f} ("
+    assert paired in (results / "ablation_samplers.md").read_text()
     # Another plan than the committed results': one line naming what differs, nothing written.
     (results / "ablation_samplers.md").unlink()
     assert parity_ablation.main([*ablation, "--epochs", "3"]) != 0
