@@ -91,6 +91,8 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
     assert parity_ablation.main([*ablation, "--epochs", "3"]) != 0
     assert "epochs 2 there, 3 here" in capsys.readouterr().err
     assert not (results / "ablation_samplers.md").exists()
+    assert parity_ablation.main([*plan_args, "--parity-results", str(tmp_path / "none")]) != 0
+    assert "no parity results at" in capsys.readouterr().err
     # The whole batch in one process (the reference's layout), megdet_hpc's samplers kept.
     assert parity_ablation.main([*ablation, "--swap", "one-process"]) == 0
     one = safe_load(tmp_path / "ablation" / "megdet_hpc_one_process_swapped_seed_0" / "model_0000006.pth")
