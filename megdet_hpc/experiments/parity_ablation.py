@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +122,6 @@ def paired(label: str, doc: dict[str, Any], ablated: list[parity.Outcome]) -> li
 
 def report(swap: str, doc: dict[str, Any], ablated: list[parity.Outcome], results: Path) -> str:
     """Write ``ablation_<swap>.{md,json,png}``; returns the markdown."""
-    from dataclasses import asdict
-
     from megdet_hpc.utils.provenance import environment
 
     label = SWAPS[swap].label
