@@ -93,6 +93,11 @@ def test_parity_smoke_writes_table_json_plot_and_resume_skips(tmp_path: Path, ca
     assert not (results / "ablation_samplers.md").exists()
     assert parity_ablation.main([*plan_args, "--parity-results", str(tmp_path / "none")]) != 0
     assert "no parity results at" in capsys.readouterr().err
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "parity.json").write_text("{not json")
+    assert parity_ablation.main([*plan_args, "--parity-results", str(tmp_path / "garbled")]) != 0
+    assert "is not a parity.json" in capsys.readouterr().err
+    assert (tmp_path / "garbled" / "parity.json").read_text() == "{not json"  # left as it was
     # The whole batch in one process (the reference's layout), megdet_hpc's samplers kept.
     assert parity_ablation.main([*ablation, "--swap", "one-process"]) == 0
     one = safe_load(tmp_path / "ablation" / "megdet_hpc_one_process_swapped_seed_0" / "model_0000006.pth")
