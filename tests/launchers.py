@@ -7,6 +7,7 @@ Every multi-process test goes through here so the command lines are the ones use
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,24 @@ def collect(
     return run_and_collect(
         launcher, nproc, argv, env=env, cwd=REPO, pythonpath=str(REPO), timeout=timeout
     ).reports
+
+
+EXIT_PROBE = REPO / "tests" / "exit_probe"
+
+
+def exit_probe_env(folder: Path) -> dict[str, str]:
+    """The environment under which every process records its threads at exit in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"PYTHONPATH": f"{REPO}:{EXIT_PROBE}", "MEGDET_TEST_EXIT_THREADS": str(folder)}
+
+
+def threads_at_exit(folder: Path) -> dict[int, list[str]]:
+    """What ``exit_probe_env`` recorded: the native thread names of each process, by pid."""
+    return {int(p.stem): json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def gloo_threads_at_exit(folder: Path) -> dict[int, list[str]]:
+    """The processes whose torch gloo threads (runloops, the TCP device loop) were still running at
+    exit -- each one could abort its process in interpreter finalisation."""
+    found = {pid: [n for n in names if "gloo" in n] for pid, names in threads_at_exit(folder).items()}
+    return {pid: names for pid, names in found.items() if names}

@@ -12,8 +12,20 @@ from megdet_hpc.distributed.comm import (
     get,
     init,
     make_comm,
+    run_with_comm,
     shutdown,
     stats_comm,
 )
 
-__all__ = ["Comm", "CommError", "Group", "active_comms", "get", "init", "make_comm", "shutdown", "stats_comm"]
+__all__ = [
+    "Comm",
+    "CommError",
+    "Group",
+    "active_comms",
+    "get",
+    "init",
+    "make_comm",
+    "run_with_comm",
+    "shutdown",
+    "stats_comm",
+]

@@ -21,11 +21,14 @@ CGBN statistics may ride a different transport than the gradients (``MEGDET_CGBN
 from __future__ import annotations
 
 import contextlib
+import gc
+import sys
+import traceback
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,6 +37,7 @@ from megdet_hpc.utils import env as settings
 from megdet_hpc.utils.errors import UserError
 
 BACKENDS = settings.COMM_BACKENDS
+T = TypeVar("T")
 
 
 class CommError(UserError, RuntimeError):
@@ -399,13 +403,42 @@ def active_comms() -> list[Comm]:
 
 
 def shutdown() -> None:
-    """Shut down the statistics comm (if separate) and the main comm."""
+    """Shut down the statistics comm (if separate) and the main comm.
+
+    Why the collection first: ``destroy_process_group`` only unregisters a torch process group; its
+    threads (gloo's runloops, holding the last collective's work and its tensors) end when the last
+    Python handle on it dies.  A group the model still holds (DDP, the CGBN layers' BN groups) lives
+    on into interpreter finalisation, where a runloop that drops a tensor with a Python owner takes the
+    GIL from a finalising interpreter and aborts the process ("terminate called without an active
+    exception", SIGABRT instead of the job's exit code; pytorch/pytorch#179291).  So the callers drop
+    their objects before they call this (``run_with_comm``: they live in the body's frame), a
+    failure's traceback -- which keeps its frames and their locals alive -- is cleared here, and
+    cyclic garbage (a training run's objects form cycles) is collected, before any group is destroyed.
+    """
     global _COMM, _STATS_COMM
+    failure = sys.exc_info()[1]
+    if failure is not None:
+        traceback.clear_frames(failure.__traceback__)
+    gc.collect()
     if _STATS_COMM is not None and _STATS_COMM is not _COMM:
         _STATS_COMM.shutdown()
     if _COMM is not None:
         _COMM.shutdown()
     _COMM = _STATS_COMM = None
+
+
+def run_with_comm(body: Callable[[Comm], T], backend: str | None = None, device: str | None = None) -> T:
+    """``body(init(backend, device))``, then ``shutdown()`` -- the way every entry point runs.
+
+    Why a function: whatever ``body`` builds (the model, DDP, the CGBN layers' groups) lives in its
+    frame, which is gone -- or, on a failure, cleared by ``shutdown`` -- before any process group is
+    destroyed, so no group outlives the interpreter (see ``shutdown``).
+    """
+    comm = init(backend, device)
+    try:
+        return body(comm)
+    finally:
+        shutdown()
 
 
 def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megdet_hpc.distributed.comm import Comm, CommError, Group
+from megdet_hpc.distributed.torch_comm import init_default_group
 from megdet_hpc.utils import env as settings
 
 
@@ -44,9 +45,7 @@ class TorchStatsComm(Comm):
         timeout = timedelta(seconds=settings.comm_timeout_s())
         if not dist.is_initialized():
             store = self._rendezvous(main, timeout)
-            dist.init_process_group(
-                backend, store=store, rank=main.rank, world_size=main.size, timeout=timeout
-            )
+            init_default_group(backend, store=store, rank=main.rank, world_size=main.size, timeout=timeout)
             self._owns_default = True
             self.pg: Any = dist.group.WORLD
         else:  # torchrun: the training comm's default group exists; add one with this backend
@@ -114,3 +113,4 @@ class TorchStatsComm(Comm):
         if self._owns_default and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_default = False
+        self.pg = None  # the last handle: the group's threads end with it

@@ -42,6 +42,20 @@ def torch_backend(device_type: str | None, override: str | None = None) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
+def init_default_group(backend: str, **kwargs: Any) -> None:
+    """``dist.init_process_group``, with ``torch.distributed.nn.functional`` imported first.
+
+    Why: that module's functions take ``group=group.WORLD`` as a default argument, evaluated when it
+    is imported; imported after the default group exists (torchvision imports it through
+    ``torch._dynamo``, and the model is built after the comm), it pins that group for the life of the
+    process.  ``destroy_process_group`` then cannot free it, and its gloo threads outlive the
+    interpreter (see ``comm.shutdown``).  Imported before, the defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
 class TorchComm(Comm):
     name = "torch"
 
@@ -55,7 +69,7 @@ class TorchComm(Comm):
             os.environ.setdefault("MASTER_PORT", str(job_port(environ)))
             backend = torch_backend(device_type)
             timeout = timedelta(seconds=settings.comm_timeout_s())
-            dist.init_process_group(
+            init_default_group(
                 backend, rank=env.rank, world_size=env.size, timeout=timeout, init_method="env://"
             )
             self._owns = True
