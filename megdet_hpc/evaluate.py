@@ -10,11 +10,19 @@ files -- so it is safe on a run that is still training.  Results go to ``--out``
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
+
+if TYPE_CHECKING:  # torch is imported after the input checks (see main)
+    from torch.utils.data import Dataset
+
+    from megdet_hpc.config import Config
+    from megdet_hpc.distributed import Comm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,30 +45,33 @@ def main(argv: list[str] | None = None) -> int:
 
         from megdet_hpc import distributed
         from megdet_hpc.data.loader import build_val_dataset
-        from megdet_hpc.engine.defaults import device_type, select_device
-        from megdet_hpc.evaluation import evaluate
-        from megdet_hpc.modeling.fit import model_from_checkpoint
-        from megdet_hpc.utils.logger import setup_logging
+        from megdet_hpc.engine.defaults import device_type
 
         dataset = build_val_dataset(cfg)
-        comm = distributed.init(device=device_type(cfg))
-        setup_logging(comm.rank)
-        try:
-            model, path = model_from_checkpoint(
-                cfg, comm, a.checkpoint, hint="evaluate it with its own config"
-            )
-            device = select_device(cfg, comm.local_rank)
-            model.to(device)
-            out = a.out or Path(cfg.train.output_dir) / "evaluate" / path.stem
-            metrics = evaluate(model, dataset, comm, device, out, cfg.eval.max_images, plots=cfg.train.plots)
-            if comm.is_main:
-                scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-                print(json.dumps({"checkpoint": str(path), "out": str(out), **scalars}))
-            return 0
-        finally:
-            distributed.shutdown()
+        return distributed.run_with_comm(
+            lambda comm: evaluate_checkpoint(a, cfg, dataset, comm), device=device_type(cfg)
+        )
 
     return run_cli(_run, "megdet_hpc.evaluate")
+
+
+def evaluate_checkpoint(args: argparse.Namespace, cfg: Config, dataset: Dataset, comm: Comm) -> int:
+    """Load the checkpoint ``args`` name, evaluate it on ``dataset``, print its scalars (rank 0)."""
+    from megdet_hpc.engine.defaults import select_device
+    from megdet_hpc.evaluation import evaluate
+    from megdet_hpc.modeling.fit import model_from_checkpoint
+    from megdet_hpc.utils.logger import setup_logging
+
+    setup_logging(comm.rank)
+    model, path = model_from_checkpoint(cfg, comm, args.checkpoint, hint="evaluate it with its own config")
+    device = select_device(cfg, comm.local_rank)
+    model.to(device)
+    out = args.out or Path(cfg.train.output_dir) / "evaluate" / path.stem
+    metrics = evaluate(model, dataset, comm, device, out, cfg.eval.max_images, plots=cfg.train.plots)
+    if comm.is_main:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        print(json.dumps({"checkpoint": str(path), "out": str(out), **scalars}))
+    return 0
 
 
 if __name__ == "__main__":

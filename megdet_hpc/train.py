@@ -14,11 +14,17 @@ non-finite losses.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megdet_hpc.utils.cli import EXIT_OK, EXIT_PREEMPTED, ArgumentParser, run_cli
+
+if TYPE_CHECKING:  # torch is imported after the input checks (see main)
+    from megdet_hpc.config import Config
+    from megdet_hpc.distributed import Comm
 
 
 def build_parser() -> ArgumentParser:
@@ -68,50 +74,52 @@ def main(argv: list[str] | None = None) -> int:
             check_dataset_files(cfg.data.val_images, cfg.data.val_annotations, keep=True)
 
         from megdet_hpc import distributed
-        from megdet_hpc.checkpoint import CheckpointError
-        from megdet_hpc.engine.defaults import build_run, configure_process, select_device
-        from megdet_hpc.evaluation import EvaluationInterrupted
-        from megdet_hpc.utils.logger import setup_logging
 
-        comm = distributed.init()
-        try:
-            configure_process(cfg, select_device(cfg, comm.local_rank))
-
-            def start_logging(archived_to: Path | None) -> None:
-                setup_logging(comm.rank, Path(cfg.train.output_dir))
-                log = logging.getLogger("megdet_hpc")
-                if comm.is_main and archived_to is not None:
-                    log.warning("--no-resume: moved the previous run's files to %s", archived_to)
-                if args.config is None and comm.is_main:
-                    log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
-
-            run = build_run(
-                cfg,
-                comm,
-                fresh=args.no_resume,
-                resume=not args.no_resume,
-                resume_from=args.resume_from,
-                on_opened=start_logging,
-            )
-            try:
-                if not args.eval_only:
-                    return run.train()
-                if run.resumed_from is None and not cfg.model.weights:
-                    raise CheckpointError(
-                        f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} "
-                        "and no model.weights)"
-                    )
-                try:
-                    run.evaluate()
-                except EvaluationInterrupted:
-                    return EXIT_PREEMPTED
-                return EXIT_OK
-            finally:
-                run.close()
-        finally:
-            distributed.shutdown()
+        return distributed.run_with_comm(lambda comm: train_or_evaluate(args, cfg, config, comm))
 
     return run_cli(_run, "megdet_hpc.train")
+
+
+def train_or_evaluate(args: argparse.Namespace, cfg: Config, config: str, comm: Comm) -> int:
+    """Build the run in ``cfg.train.output_dir`` (resuming as the flags say), train or evaluate it,
+    close it; the exit code."""
+    from megdet_hpc.checkpoint import CheckpointError
+    from megdet_hpc.engine.defaults import build_run, configure_process, select_device
+    from megdet_hpc.evaluation import EvaluationInterrupted
+    from megdet_hpc.utils.logger import setup_logging
+
+    configure_process(cfg, select_device(cfg, comm.local_rank))
+
+    def start_logging(archived_to: Path | None) -> None:
+        setup_logging(comm.rank, Path(cfg.train.output_dir))
+        log = logging.getLogger("megdet_hpc")
+        if comm.is_main and archived_to is not None:
+            log.warning("--no-resume: moved the previous run's files to %s", archived_to)
+        if args.config is None and comm.is_main:
+            log.info("no --config: using %s at total batch %d", config, cfg.solver.total_batch)
+
+    run = build_run(
+        cfg,
+        comm,
+        fresh=args.no_resume,
+        resume=not args.no_resume,
+        resume_from=args.resume_from,
+        on_opened=start_logging,
+    )
+    try:
+        if not args.eval_only:
+            return run.train()
+        if run.resumed_from is None and not cfg.model.weights:
+            raise CheckpointError(
+                f"--eval-only: nothing to evaluate (no checkpoint in {cfg.train.output_dir} and no model.weights)"
+            )
+        try:
+            run.evaluate()
+        except EvaluationInterrupted:
+            return EXIT_PREEMPTED
+        return EXIT_OK
+    finally:
+        run.close()
 
 
 if __name__ == "__main__":

@@ -13,22 +13,24 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from megdet_hpc.launch.local import run_and_collect, write_report
 from megdet_hpc.perf.cost_model import Link, Machine
 from megdet_hpc.utils.cli import ArgumentParser, run_cli
 
+if TYPE_CHECKING:  # the planner imports this module without torch
+    from megdet_hpc.distributed import Comm
 
-def measure_collectives(config: str, overrides: list[str], repeats: int = 200) -> None:
+
+def measure_collectives(comm: Comm, config: str, overrides: list[str], repeats: int = 200) -> None:
     """Latency from a 512 B allreduce; bandwidth from the gradient allreduce the trainer really issues
     (``Comm.allreduce_coalesced_`` over tensors shaped like the config's trainable parameters)."""
     import torch
 
-    from megdet_hpc import distributed
     from megdet_hpc.config import load_config
     from megdet_hpc.modeling import build_model
 
-    comm = distributed.init()
     lat = []
     small = torch.zeros(64, dtype=torch.float64)
     for i in range(repeats + 20):
@@ -65,7 +67,6 @@ def measure_collectives(config: str, overrides: list[str], repeats: int = 200) -
                 "bandwidth_Bps": bandwidth,
             },
         )
-    distributed.shutdown()
 
 
 TIMING_OVERRIDES = [
@@ -77,12 +78,10 @@ TIMING_OVERRIDES = [
 ]
 
 
-def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
-    from megdet_hpc import distributed
+def measure_step(comm: Comm, config: str, overrides: list[str], iters: int = 12) -> None:
     from megdet_hpc.config import load_config
     from megdet_hpc.engine.defaults import build_run, configure_process
 
-    comm = distributed.init()
     out = tempfile.mkdtemp(prefix="megdet-timing-")
     timing = [
         *overrides,
@@ -111,7 +110,6 @@ def measure_step(config: str, overrides: list[str], iters: int = 12) -> None:
             },
         )
     run.close()
-    distributed.shutdown()
 
 
 def calibrate(
@@ -153,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("opts", nargs="*")
     a = p.parse(argv)
 
-    def _run() -> int:
+    def measure(comm: Comm) -> int:
         if a.collectives:
-            measure_collectives(a.config, a.opts)
+            measure_collectives(comm, a.config, a.opts)
         if a.step:
-            measure_step(a.config, a.opts, iters=a.steps)
+            measure_step(comm, a.config, a.opts, iters=a.steps)
         return 0
+
+    def _run() -> int:
+        from megdet_hpc import distributed
+
+        return distributed.run_with_comm(measure)
 
     return run_cli(_run, "megdet_hpc.perf.calibrate")
 

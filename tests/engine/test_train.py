@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_config
-from launchers import run
+from launchers import exit_probe_env, gloo_threads_at_exit, run, threads_at_exit
 
 TRAIN = ["-m", "megdet_hpc.train"]
 
@@ -38,13 +38,17 @@ def test_single_process_trains_checkpoints_and_evaluates(tiny_config, tmp_path: 
 @pytest.mark.parametrize("launcher", ["hvd-gloo", "hvd-mpi", "mpirun", "torchrun"])
 def test_two_process_training(tiny_config, tmp_path: Path, launcher: str) -> None:
     cfg = tiny_config(data={"images_per_gpu": 1}, solver={"max_iter": 3}, train={"checkpoint_period": 0})
-    run(launcher, 2, [*TRAIN, "--config", str(cfg)], timeout=300)
+    probe = tmp_path / "threads"
+    run(launcher, 2, [*TRAIN, "--config", str(cfg)], env=exit_probe_env(probe), timeout=300)
     out = tmp_path / "out"
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert rows[-1]["images_seen"] == 6
     state = torch.load(out / "model_0000003.pth", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["total_batch"] == 2
+    # No process group lives on into interpreter finalisation, where its threads may abort a rank
+    # that finished (tests/distributed/test_shutdown.py).
+    assert len(threads_at_exit(probe)) >= 2 and gloo_threads_at_exit(probe) == {}
 
 
 def test_two_ranks_one_image_equals_one_rank_two_images(tiny_config, tmp_path: Path) -> None:
