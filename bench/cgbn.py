@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
@@ -51,12 +52,11 @@ CONTENDERS = [
 ]
 
 
-def worker(size: int, repeats: int) -> None:
+def worker(comm: Any, size: int, repeats: int) -> None:
     from megdet_hpc import distributed
     from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
-    comm = distributed.init()
     stats = distributed.stats_comm()
     torch.manual_seed(comm.rank)
     shapes = bn_shapes(size, size)
@@ -106,7 +106,6 @@ def worker(size: int, repeats: int) -> None:
     result["allreduce_latency_s"] = summary(lat)
     if comm.rank == 0:
         write_report(0, result)
-    distributed.shutdown()
 
 
 def against(rev: str, size: int, repeats: int) -> dict:
@@ -161,7 +160,9 @@ def main() -> int:
     p.add_argument("--against", metavar="REV", help="only: this layer vs git revision REV, one process")
     a = p.parse_args()
     if a.worker:
-        worker(a.size, a.repeats)
+        from megdet_hpc.distributed import run_with_comm
+
+        run_with_comm(lambda comm: worker(comm, a.size, a.repeats))
         return 0
     if a.against:
         result = against(a.against, a.size, max(a.repeats, 9))

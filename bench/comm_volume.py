@@ -13,19 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from common import REPO, collect, new_figure, savefig, table, timing_run, write_result
 
 HERE = Path(__file__).resolve()
 
 
-def worker() -> None:
-    from megdet_hpc import distributed
+def worker(comm: Any) -> None:
     from megdet_hpc.data.synthetic import generate
     from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
-    comm = distributed.init()
     data = generate(REPO / "datasets" / "synthetic", 400, 100, 128, 0)
     overrides = [
         "model.num_classes=3",
@@ -46,7 +45,6 @@ def worker() -> None:
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if comm.rank == 0:
         write_report(0, {"size": comm.size, "log": comm.counters.log, "channels": channels, "params": params})
-    distributed.shutdown()
 
 
 def formula(channels: list[int], params: int, n: int, design: str) -> dict[str, float]:
@@ -80,7 +78,9 @@ def main() -> int:
     p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker()
+        from megdet_hpc.distributed import run_with_comm
+
+        run_with_comm(worker)
         return 0
     counted = {n: collect("mpirun", n, [str(HERE), "--worker"]) for n in (2, 4)}
     channels, params = counted[2]["channels"], counted[2]["params"]

@@ -299,13 +299,11 @@ def check_targets(result: dict[str, Any]) -> dict[str, bool | None]:
 
 
 # -- 2 ranks on one GPU -----------------------------------------------------------------------------
-def two_ranks_worker(smoke: bool) -> None:
-    from megdet_hpc import distributed
+def two_ranks_worker(comm: Any, smoke: bool) -> None:
     from megdet_hpc.launch.local import write_report
     from megdet_hpc.layers import CrossGPUBatchNorm2d
 
     sizes = Sizes(smoke)
-    comm = distributed.init()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     shapes = [(1, *s[1:]) for s in bn_shapes(*sizes.bn_hw)]  # 2 ranks x 1 image = the 2-image batch
     gen = torch.Generator().manual_seed(comm.rank)
@@ -334,7 +332,6 @@ def two_ranks_worker(smoke: bool) -> None:
                 "ms": {k: 1e3 * v for k, v in times.items()},
             },
         )
-    distributed.shutdown()
 
 
 # (label, launcher, environment): one statistics transport each.  Gradients are not part of this
@@ -584,7 +581,9 @@ def main() -> int:
     p.add_argument("--two-ranks-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.two_ranks_worker:
-        two_ranks_worker(a.smoke)
+        from megdet_hpc.distributed import run_with_comm
+
+        run_with_comm(lambda comm: two_ranks_worker(comm, a.smoke))
         return 0
     if not a.smoke and not torch.cuda.is_available():
         print(

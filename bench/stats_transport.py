@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import REPO, collect, table, write_result
@@ -45,14 +46,12 @@ RUNS = [
 ]
 
 
-def worker() -> None:
+def worker(comm: Any) -> None:
     import horovod.torch as hvd
     from torch.utils.benchmark import Timer
 
-    from megdet_hpc import distributed
     from megdet_hpc.launch.local import write_report
 
-    comm = distributed.init()
     hvd_ = hvd
     t = torch.zeros(PAYLOAD)
     contenders: dict[str, tuple[str, object]] = {}  # label -> (kind, callable)
@@ -133,7 +132,6 @@ def worker() -> None:
             },
         )
     group.shutdown()
-    distributed.shutdown()
 
 
 def main() -> None:
@@ -141,7 +139,9 @@ def main() -> None:
     p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker()
+        from megdet_hpc.distributed import run_with_comm
+
+        run_with_comm(worker)
         return
     runs = []
     for label, launcher, env in RUNS:

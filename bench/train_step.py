@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from common import REPO, collect, new_figure, savefig, summary, table, timing_run, write_result
 
@@ -39,14 +40,13 @@ def make_trainer(norm: str, world: int, comm, *extra: str):  # type: ignore[no-u
     return timing_run(REPO / "configs/demo_cpu.yaml", overrides, comm).trainer
 
 
-def worker(iters: int, blocks: int) -> None:
+def worker(comm: Any, iters: int, blocks: int) -> None:
     import torch
 
     from megdet_hpc import distributed
     from megdet_hpc.data.prefetch import DevicePrefetcher
     from megdet_hpc.launch.local import write_report
 
-    comm = distributed.init()
     samples: dict[str, list[float]] = {}
 
     def step(trainer) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +99,6 @@ def worker(iters: int, blocks: int) -> None:
                 "s_per_iter": {k: summary(v) for k, v in samples.items()},
             },
         )
-    distributed.shutdown()
 
 
 def main() -> int:
@@ -109,7 +108,9 @@ def main() -> int:
     p.add_argument("--worker", action="store_true")
     a = p.parse_args()
     if a.worker:
-        worker(a.iters, a.blocks)
+        from megdet_hpc.distributed import run_with_comm
+
+        run_with_comm(lambda comm: worker(comm, a.iters, a.blocks))
         return 0
     runs = {}
     for launcher, n in (("single", 1), ("hvd-mpi", 2), ("mpirun", 2)):
