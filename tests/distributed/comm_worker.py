@@ -30,8 +30,7 @@ def waiting_during_backward(comm: Comm) -> list[str | None]:
     return seen
 
 
-def main() -> None:
-    comm = distributed.init()
+def main(comm: Comm) -> None:
     r, n = comm.rank, comm.size
     t = torch.full((5,), float(r + 1))
     comm.allreduce_(t)
@@ -80,8 +79,7 @@ def main() -> None:
         "backward_marks": backward_marks,
     }
     write_report(r, report)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_with_comm(main)

@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 
 from megdet_hpc import distributed
+from megdet_hpc.distributed.comm import Comm
 from megdet_hpc.launch.local import write_report
 from megdet_hpc.layers import CrossGPUBatchNorm2d
 
 
-def main() -> None:
+def main(comm: Comm) -> None:
     group_size = int(sys.argv[1]) or None
-    comm = distributed.init()
     stats = distributed.stats_comm()
     gen = torch.Generator().manual_seed(100 + comm.rank)
     x = (torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64) * 3 + 1).float().requires_grad_(True)
@@ -43,8 +43,7 @@ def main() -> None:
             "running": layer.running_mean.tolist() + layer.running_var.tolist(),
         },
     )
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_with_comm(main)

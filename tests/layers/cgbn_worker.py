@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megdet_hpc import distributed
+from megdet_hpc.distributed.comm import Comm
 from megdet_hpc.launch.local import write_report
 from megdet_hpc.layers import CrossGPUBatchNorm2d
 
@@ -108,9 +109,8 @@ def check_case(
     return err
 
 
-def main() -> None:
+def main(comm: Comm) -> None:
     global DEVICE
-    comm = distributed.init()
     if os.environ.get("MEGDET_TEST_DEVICE") == "cuda":  # ranks share one GPU (gloo) or take one each (NCCL)
         DEVICE = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(DEVICE)
@@ -150,8 +150,7 @@ def main() -> None:
     dynamo = sys.modules.get("torch._dynamo.utils")
     results["compiled_graphs"] = dynamo.counters["stats"]["unique_graphs"] if dynamo else 0
     write_report(comm.rank, results)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_with_comm(main)

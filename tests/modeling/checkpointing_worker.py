@@ -7,6 +7,7 @@ import torch
 
 from megdet_hpc import distributed
 from megdet_hpc.config import load_config
+from megdet_hpc.distributed.comm import Comm
 from megdet_hpc.launch.local import write_report
 from megdet_hpc.modeling import build_model, set_sampling_keys
 
@@ -52,8 +53,7 @@ def one_step(comm, places: str) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-def main() -> None:
-    comm = distributed.init()
+def main(comm: Comm) -> None:
     plain, ckpt = one_step(comm, "[]"), one_step(comm, "[backbone,fpn]")
     write_report(
         comm.rank,
@@ -70,8 +70,7 @@ def main() -> None:
             "collectives": len(plain["all"]),
         },
     )
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_with_comm(main)
