@@ -13,7 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from megdet_hpc.launch.local import run_and_collect, write_report
 from megdet_hpc.perf.cost_model import Link, Machine
@@ -82,17 +82,33 @@ def measure_step(comm: Comm, config: str, overrides: list[str], iters: int = 12)
     from megdet_hpc.config import load_config
     from megdet_hpc.engine.defaults import build_run, configure_process
 
-    out = tempfile.mkdtemp(prefix="megdet-timing-")
-    timing = [
-        *overrides,
-        "data.num_workers=0",
-        "train.threads=1",
-        *TIMING_OVERRIDES,
-        f"train.output_dir={out}",
-    ]
-    run = build_run(load_config(config, timing), comm, resume=False)
-    configure_process(run.cfg, run.device)
-    trainer = run.trainer
+    with tempfile.TemporaryDirectory(prefix="megdet-timing-") as out:  # a lock file, nothing to keep
+        timing = [
+            *overrides,
+            "data.num_workers=0",
+            "train.threads=1",
+            *TIMING_OVERRIDES,
+            f"train.output_dir={out}",
+        ]
+        run = build_run(load_config(config, timing), comm, resume=False)
+        try:
+            configure_process(run.cfg, run.device)
+            times = time_steps(comm, run.trainer, iters)
+        finally:
+            run.close()
+    if comm.is_main:
+        write_report(
+            0,
+            {
+                "size": comm.size,
+                "s_per_iter": statistics.median(times),
+                "images_per_gpu": run.trainer.batch.images_per_gpu,
+            },
+        )
+
+
+def time_steps(comm: Comm, trainer: Any, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` training steps, after 3 untimed ones, every step started together."""
     times = []
     for i in range(iters + 3):
         comm.barrier()
@@ -100,16 +116,7 @@ def measure_step(comm: Comm, config: str, overrides: list[str], iters: int = 12)
         trainer.run_step()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    if comm.is_main:
-        write_report(
-            0,
-            {
-                "size": comm.size,
-                "s_per_iter": statistics.median(times),
-                "images_per_gpu": trainer.batch.images_per_gpu,
-            },
-        )
-    run.close()
+    return times
 
 
 def calibrate(

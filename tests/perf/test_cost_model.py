@@ -95,6 +95,8 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
     """--calibrate measures collectives and steps under mpirun and validates against a real 2-rank step
     (the accuracy target is a benchmark matter: bench/results/plan_demo*)."""
     cfg = tiny_config(data={"images_per_gpu": 1}, train={"checkpoint_period": 0, "eval_at_end": False})
+    scratch = tmp_path / "tmp"  # the processes' TMPDIR: what they leave there is visible
+    scratch.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -114,12 +116,13 @@ def test_calibration_runs_real_processes(tiny_config, tmp_path: Path) -> None:
             str(tmp_path / "plan"),
         ],
         cwd=REPO,
-        env=local_env("single"),
+        env=local_env("single", {"TMPDIR": str(scratch)}),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in scratch.glob("megdet-*")) == []  # the timing runs' output dirs are gone
     plan = json.loads((tmp_path / "plan/plan.json").read_text())
     coll = plan["collectives"]
     assert coll["backend"] == "mpi" and coll["size"] == 2 and coll["gradient_elements"] > 1e6
