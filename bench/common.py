@@ -7,8 +7,10 @@ through ``megdet_hpc.launch.local.run_and_collect``: workers call ``write_report
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -130,6 +132,7 @@ def timing_run(config: str | Path, overrides: list[str], comm: Any = None) -> An
     from megdet_hpc.perf.calibrate import TIMING_OVERRIDES
 
     out = tempfile.mkdtemp(prefix="megdet-timing-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # a lock file, nothing to keep
     cfg = load_config(config, [*overrides, *TIMING_OVERRIDES, f"train.output_dir={out}"])
     run = build_run(cfg, comm or distributed.init(), resume=False)
     configure_process(run.cfg, run.device)  # what training would set (a benchmark may switch per contender)
