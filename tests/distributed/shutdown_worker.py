@@ -1,7 +1,8 @@
 """A rank that trains one DDP step with its model in a function's frame, run by ``run_with_comm`` as
-the entry points run theirs: ``returns`` (the frame is gone, the model in a reference cycle) or ``raises``
-(the failure's traceback keeps the frame, and the model, alive).  torchvision is imported after the torch group exists, as in
-``megdet_hpc.train``.  What stays running at exit is recorded by ``tests/exit_probe``."""
+the entry points run theirs: ``returns`` (the frame is gone, the model in a reference cycle) or
+``raises`` (the failure's traceback keeps the frame, and the model, alive).  torchvision is imported
+after the torch group exists, as in ``megdet_hpc.train``.  What stays running at exit is recorded by
+``tests/exit_probe``."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import sys
 import torch
 
 from megdet_hpc import distributed
-from megdet_hpc.distributed.comm import Comm
 
 
 class Failed(RuntimeError):
     pass
 
 
-def train_a_step(comm: Comm, fail: bool) -> None:
+def train_a_step(fail: bool) -> None:
     # MEGDET_CGBN_COMM=torch-gloo under mpirun: the torch default group is the statistics' own.
     distributed.stats_comm().allreduce_(torch.ones(3))
     import torchvision  # noqa: F401 - imports torch.distributed.nn.functional (through torch._dynamo)
@@ -36,7 +36,7 @@ def train_a_step(comm: Comm, fail: bool) -> None:
 
 def main() -> None:
     with contextlib.suppress(Failed):  # after run_with_comm's shutdown: what the entry points do
-        distributed.run_with_comm(lambda comm: train_a_step(comm, fail=sys.argv[1] == "raises"))
+        distributed.run_with_comm(lambda _comm: train_a_step(fail=sys.argv[1] == "raises"))
 
 
 if __name__ == "__main__":
